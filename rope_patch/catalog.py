@@ -1,0 +1,543 @@
+"""The catalog: every ``*RotaryEmbedding`` class transformers ships, and a way
+to build each one from its model's default config.
+
+Used by the contract test (tests/test_catalog.py) and by
+``rope-patch list --verify``. Nothing here is on the patching path: importing
+every modeling module takes seconds, so only tools call :func:`scan_catalog`.
+
+Building an instance (:func:`default_instance`) is data-driven, never a
+per-model table:
+
+1. the config classes to try come from the rotary ``__init__``'s annotation
+   (``config: Qwen3Config``), then from the config classes the modeling module
+   imports (closest name first), then from ``CONFIG_MAPPING[model_type]``;
+2. each is built with its default constructor, and it and its sub-configs
+   (``sub_configs``, ``get_text_config()``) are tried in turn, the annotated
+   class and the closest name first;
+3. the ``__init__``'s parameters are filled by name: a config parameter gets
+   the config, ``device`` the device, ``dim``/``base``/``theta`` values read
+   from the config, others a same-named config attribute or their default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import re
+import sys
+import typing
+from collections.abc import Callable, Iterator
+
+import torch
+
+from rope_patch.discovery import RotaryClass, describe, modeling_module_names, rotary_classes
+
+logger = logging.getLogger(__name__)
+
+#: Modeling modules for other frameworks (transformers 4.x ships TF and Flax
+#: ports next to the torch ones). They cannot define a torch.nn.Module, and
+#: importing them fails without, or is slow with, TensorFlow/JAX installed.
+OTHER_FRAMEWORK_PREFIXES = ("modeling_tf_", "modeling_flax_")
+
+#: Inputs of the forward probe: a (batch, seq, hidden) activation and 2-D
+#: position ids, the shapes a decoder's rotary embedding is called with.
+PROBE_SHAPE = (1, 4, 8)
+PROBE_POSITIONS = 4
+
+#: Constructor parameters read from the config under another name.
+_THETA_NAMES = ("base", "theta", "rope_theta")
+_DIM_NAMES = ("dim", "head_dim")
+
+
+class InstantiationError(Exception):
+    """A rotary class could not be built from its default config; the message
+    says why (every config tried, with the error each gave)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportFailure:
+    """A modeling module that failed to import.
+
+    Attributes:
+        module: its dotted name.
+        error: the exception (traceback dropped, so no frames are kept alive).
+    """
+
+    module: str
+    error: BaseException
+
+    @property
+    def reason(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+    """What :func:`scan_catalog` found.
+
+    Attributes:
+        rotaries: every rotary class, ordered by module then class name.
+        failures: the modules that failed to import (skipped).
+        modules: how many modules were imported or tried.
+    """
+
+    rotaries: list[RotaryClass]
+    failures: list[ImportFailure]
+    modules: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogEntry:
+    """A rotary class with the outcome of :func:`verify`.
+
+    Attributes:
+        rotary: the class, as discovery describes it.
+        status: ``ok`` (built, and its forward returned tensors for every
+            layer type), ``unsupported`` (discovery rules the forward out; not
+            built), ``no-instance`` (default_instance failed) or ``forward``
+            (built, but the probe forward failed).
+        reason: why, when status is not ``ok``.
+        layer_types: the layer types probed (``(None,)`` when the forward
+            takes none; empty when nothing was built).
+    """
+
+    rotary: RotaryClass
+    status: str = "ok"
+    reason: str | None = None
+    layer_types: tuple[str | None, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# --------------------------------------------------------------------------
+# Scanning
+
+
+def catalog_module_names() -> list[str]:
+    """The torch modeling modules to scan: discovery's list, sorted, without
+    the TF/Flax ports (see OTHER_FRAMEWORK_PREFIXES)."""
+    return [
+        name
+        for name in modeling_module_names()
+        if not name.rsplit(".", 1)[-1].startswith(OTHER_FRAMEWORK_PREFIXES)
+    ]
+
+
+def scan_catalog(progress: Callable[[int, int, str], None] | None = None) -> Catalog:
+    """Import every torch modeling module and collect its rotary classes.
+
+    Args:
+        progress: called as ``progress(i, total, module_name)`` before each
+            module is imported, ``i`` counting from 1.
+
+    Returns:
+        A :class:`Catalog`; modules that fail to import are listed in its
+        ``failures`` (and logged at debug) instead of raising.
+    """
+    names = catalog_module_names()
+    rotaries: list[RotaryClass] = []
+    failures: list[ImportFailure] = []
+    for i, name in enumerate(names, start=1):
+        if progress is not None:
+            progress(i, len(names), name)
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # any error: one broken model must not hide the rest
+            logger.debug("skipping %s: %s: %s", name, type(exc).__name__, exc)
+            failures.append(ImportFailure(name, exc.with_traceback(None)))
+            continue
+        rotaries.extend(rotary_classes(module))
+    return Catalog(rotaries=rotaries, failures=failures, modules=len(names))
+
+
+def iter_catalog(progress: Callable[[int, int, str], None] | None = None) -> list[RotaryClass]:
+    """Every rotary class in the torch modeling modules, in module order.
+
+    Args:
+        progress: as for :func:`scan_catalog`.
+
+    Returns:
+        The classes only; use :func:`scan_catalog` for the import failures.
+    """
+    return scan_catalog(progress).rotaries
+
+
+# --------------------------------------------------------------------------
+# Building an instance
+
+
+def _config_base() -> type:
+    """transformers' config base class (``PreTrainedConfig`` in 5.x, which
+    keeps ``PretrainedConfig`` as an alias; 4.x has only the latter)."""
+    from transformers.configuration_utils import PretrainedConfig
+
+    return PretrainedConfig
+
+
+def _is_config_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, _config_base()) and obj is not _config_base()
+
+
+def _init_parameters(cls: type) -> list[inspect.Parameter]:
+    """The ``__init__`` parameters after ``self``, without ``*args``/``**kwargs``
+    (nothing generic can be passed there)."""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _annotation_config_classes(annotation, namespace: dict) -> list[type]:
+    """Config classes named by an annotation.
+
+    Handles classes, ``Optional``/``Union``/``X | None`` and string
+    annotations (``from __future__ import annotations``), whose names are
+    looked up in the defining module's ``namespace``.
+
+    Returns:
+        The config classes, in the order they appear.
+    """
+    if annotation is inspect.Parameter.empty or annotation is None:
+        return []
+    if isinstance(annotation, str):
+        found = (namespace.get(word) for word in re.findall(r"[A-Za-z_]\w*", annotation))
+        return [obj for obj in found if _is_config_class(obj)]
+    if _is_config_class(annotation):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _annotation_config_classes(arg, namespace)]
+
+
+def _is_config_parameter(param: inspect.Parameter, namespace: dict) -> bool:
+    """A parameter that takes a config: named ``config``/``*_config`` or
+    annotated with a config class."""
+    return param.name == "config" or param.name.endswith("_config") or bool(
+        _annotation_config_classes(param.annotation, namespace)
+    )
+
+
+def _wanted_config_classes(cls: type) -> list[type]:
+    """The config classes the rotary ``__init__`` is annotated with."""
+    namespace = vars(sys.modules[cls.__module__])
+    wanted: list[type] = []
+    for param in _init_parameters(cls):
+        for config_cls in _annotation_config_classes(param.annotation, namespace):
+            if config_cls not in wanted:
+                wanted.append(config_cls)
+    return wanted
+
+
+def _stem(name: str, suffix: str) -> str:
+    return (name[: -len(suffix)] if name.endswith(suffix) else name).lower()
+
+
+def _name_closeness(rotary_name: str, config_cls: type) -> tuple[int, int]:
+    """How well a config class's name matches a rotary class's name, larger
+    is closer: ``Qwen3VLTextRotaryEmbedding`` is closest to ``Qwen3VLTextConfig``.
+
+    Returns:
+        (length of the common prefix of the two stems, minus the difference
+        in stem lengths), for sorting.
+    """
+    a = _stem(rotary_name, "RotaryEmbedding")
+    b = _stem(config_cls.__name__, "Config")
+    common = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        common += 1
+    return common, -abs(len(a) - len(b))
+
+
+def _module_config_classes(rotary: RotaryClass) -> list[type]:
+    """Config classes defined under the rotary's model folder that its
+    modeling module imports (``from .configuration_qwen3 import Qwen3Config``)."""
+    package = rotary.module.rsplit(".", 1)[0] + "."
+    namespace = vars(sys.modules[rotary.module])
+    return [
+        obj
+        for _, obj in sorted(namespace.items())
+        if _is_config_class(obj) and obj.__module__.startswith(package)
+    ]
+
+
+def _mapped_config_class(model_type: str) -> type | None:
+    """``CONFIG_MAPPING``'s class for a model folder name (some keys use
+    dashes where folder names use underscores)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for key in (model_type, model_type.replace("_", "-")):
+        try:
+            return CONFIG_MAPPING[key]
+        except (KeyError, ValueError, ImportError, AttributeError):
+            continue
+    return None
+
+
+def candidate_config_classes(rotary: RotaryClass) -> list[type]:
+    """The config classes to build, best first.
+
+    Args:
+        rotary: the rotary class.
+
+    Returns:
+        The ``__init__``'s annotated classes, then the module's config classes
+        by name closeness, then CONFIG_MAPPING's class for the model type;
+        without repeats.
+    """
+    ranked = sorted(_module_config_classes(rotary), key=lambda c: _name_closeness(rotary.name, c), reverse=True)
+    ordered: list[type] = []
+    for config_cls in [*_wanted_config_classes(rotary.cls), *ranked, _mapped_config_class(rotary.model_type)]:
+        if config_cls is not None and config_cls not in ordered:
+            ordered.append(config_cls)
+    return ordered
+
+
+def _config_family(config, depth: int = 3) -> list:
+    """``config`` and its sub-configs (breadth first, ``depth`` levels): the
+    entries of ``sub_configs`` and ``get_text_config()``."""
+    base = _config_base()
+    family, seen, level = [], set(), [config]
+    for _ in range(depth):
+        next_level = []
+        for item in level:
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            family.append(item)
+            children = [getattr(item, name, None) for name in sorted(getattr(item, "sub_configs", None) or {})]
+            try:
+                children.append(item.get_text_config())
+            except Exception:  # not every config has a text part; some raise when asked
+                pass
+            next_level.extend(child for child in children if isinstance(child, base))
+        level = next_level
+    return family
+
+
+def _rank_family(rotary: RotaryClass, family: list, wanted: list[type]) -> list:
+    """A config family ordered for ``rotary``: the annotated class itself,
+    then its subclasses, then the rest; closest name first within each."""
+
+    def key(config):
+        kind = type(config)
+        match = 0 if kind in wanted else 1 if isinstance(config, tuple(wanted)) else 2
+        common, length = _name_closeness(rotary.name, kind)
+        return match, -common, -length
+
+    return sorted(family, key=key)  # stable: breadth-first order breaks ties
+
+
+def candidate_configs(rotary: RotaryClass, problems: list[str]) -> Iterator:
+    """Default config objects to build ``rotary`` from, best first, built lazily.
+
+    Args:
+        rotary: the rotary class.
+        problems: receives a line for each config class whose default
+            constructor failed.
+
+    Yields:
+        Config instances, each once.
+    """
+    wanted = _wanted_config_classes(rotary.cls)
+    seen: set[int] = set()
+    for config_cls in candidate_config_classes(rotary):
+        try:
+            config = config_cls()
+        except Exception as exc:  # a config may require arguments; try the next one
+            problems.append(f"{config_cls.__name__}() failed: {type(exc).__name__}: {exc}")
+            continue
+        for member in _rank_family(rotary, _config_family(config), wanted):
+            if id(member) not in seen:
+                seen.add(id(member))
+                yield member
+
+
+def _rope_theta(config):
+    """The RoPE base of a config: ``rope_theta`` (4.x) or
+    ``rope_parameters["rope_theta"]`` (5.x, possibly per layer type)."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is not None:
+        return theta
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        if "rope_theta" in params:
+            return params["rope_theta"]
+        for value in params.values():  # per-layer-type parameters: take the first
+            if isinstance(value, dict) and "rope_theta" in value:
+                return value["rope_theta"]
+    return None
+
+
+def _head_dim(config):
+    """The attention head size of a config (``head_dim`` or hidden size over
+    heads), or None."""
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim:
+        return head_dim
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+    return hidden // heads if hidden and heads else None
+
+
+class _NoValue(Exception):
+    """A required constructor parameter has no source in this config."""
+
+
+def constructor_arguments(cls: type, config, device) -> dict:
+    """Keyword arguments for ``cls(**kwargs)`` from one config.
+
+    Args:
+        cls: the rotary class.
+        config: a config instance.
+        device: passed to a ``device`` parameter.
+
+    Returns:
+        The arguments; optional parameters with no value in the config are
+        left out so they take their defaults.
+
+    Raises:
+        _NoValue: a required parameter cannot be filled.
+    """
+    namespace = vars(sys.modules[cls.__module__])
+    kwargs = {}
+    for param in _init_parameters(cls):
+        if _is_config_parameter(param, namespace):
+            value = config
+        elif param.name == "device":
+            value = device
+        elif param.name in _DIM_NAMES:
+            value = _head_dim(config)
+        elif param.name in _THETA_NAMES:
+            value = _rope_theta(config)
+        else:
+            value = getattr(config, param.name, None)
+        if value is not None:
+            kwargs[param.name] = value
+        elif param.default is inspect.Parameter.empty:
+            raise _NoValue(f"no value for required parameter {param.name!r}")
+    return kwargs
+
+
+def default_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build ``rotary.cls`` from its model's default config.
+
+    Args:
+        rotary: the rotary class (from :func:`iter_catalog` or discovery).
+        device: where the module is built and left.
+
+    Returns:
+        The module, in eval mode, on ``device``.
+
+    Raises:
+        InstantiationError: no candidate config built it; the message lists
+            each config tried and its error.
+    """
+    problems: list[str] = []
+    for config in candidate_configs(rotary, problems):
+        label = type(config).__name__
+        try:
+            kwargs = constructor_arguments(rotary.cls, config, device)
+            module = rotary.cls(**kwargs)
+        except Exception as exc:  # this config does not fit; the next may
+            problems.append(f"{label}: {type(exc).__name__}: {exc}")
+            logger.debug("%s from %s failed: %s", rotary.name, label, exc)
+            continue
+        logger.debug("%s built from %s", rotary.name, label)
+        return module.to(device).eval()
+    if not problems:
+        problems.append(f"no config class found for model type {rotary.model_type!r}")
+    raise InstantiationError(f"{rotary.name}: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------
+# Layer types and the probe
+
+
+def layer_types_of(instance: torch.nn.Module) -> list[str | None]:
+    """The layer types to call ``instance``'s forward with.
+
+    Args:
+        instance: a built rotary module.
+
+    Returns:
+        For a forward that takes ``layer_type``: the keys of
+        ``instance.rope_type`` when it is a dict (the types that have
+        parameters), else ``instance.layer_types``, else
+        ``instance.config.layer_types``, de-duplicated and sorted;
+        ``[None]`` for other forwards or when none is known.
+    """
+    if not describe(type(instance)).takes_layer_type:
+        return [None]
+    rope_type = getattr(instance, "rope_type", None)
+    if isinstance(rope_type, dict) and rope_type:
+        return sorted(rope_type, key=str)
+    types = getattr(instance, "layer_types", None)
+    if not types:
+        types = getattr(getattr(instance, "config", None), "layer_types", None)
+    return sorted(set(types), key=str) if types else [None]
+
+
+def probe_inputs(device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's ``(x, position_ids)``: x of shape PROBE_SHAPE, positions
+    ``arange(PROBE_POSITIONS)[None]``."""
+    x = torch.randn(*PROBE_SHAPE, device=device)
+    return x, torch.arange(PROBE_POSITIONS, device=device)[None]
+
+
+def probe_forward(rotary: RotaryClass, instance: torch.nn.Module, layer_type: str | None = None):
+    """Call the class's own (unpatched) forward on the probe inputs.
+
+    Args:
+        rotary: the class record; its ``forward`` is the function captured at
+            discovery, before any patching.
+        instance: a built module.
+        layer_type: passed as the third argument when the forward takes one.
+
+    Returns:
+        The forward's output, checked to be a tensor or a tuple/list of tensors.
+
+    Raises:
+        TypeError: the output is something else.
+        Exception: whatever the forward raises.
+    """
+    forward = rotary.forward or getattr(rotary.cls, "forward")
+    device = next(iter(instance.buffers()), torch.empty(0)).device
+    x, position_ids = probe_inputs(device)
+    args = (x, position_ids, layer_type) if rotary.takes_layer_type else (x, position_ids)
+    with torch.no_grad():
+        out = forward(instance, *args)
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+        raise TypeError(f"forward returned {type(out).__name__}, not tensors")
+    return out
+
+
+def verify(rotary: RotaryClass, device: str | torch.device = "cpu") -> CatalogEntry:
+    """Build ``rotary`` and probe its forward for every layer type.
+
+    Args:
+        rotary: the class.
+        device: where to build and run it.
+
+    Returns:
+        A :class:`CatalogEntry`; errors are reported there, never raised.
+    """
+    if rotary.unsupported is not None:
+        return CatalogEntry(rotary, "unsupported", rotary.unsupported)
+    try:
+        instance = default_instance(rotary, device)
+    except InstantiationError as exc:
+        return CatalogEntry(rotary, "no-instance", str(exc))
+    layer_types = tuple(layer_types_of(instance))
+    for layer_type in layer_types:
+        try:
+            probe_forward(rotary, instance, layer_type)
+        except Exception as exc:  # reported, not raised: the CLI lists every class
+            where = f" (layer_type={layer_type!r})" if layer_type is not None else ""
+            return CatalogEntry(rotary, "forward", f"{type(exc).__name__}: {exc}{where}", layer_types)
+    return CatalogEntry(rotary, "ok", None, layer_types)
