@@ -21,6 +21,7 @@ per-model table:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -45,6 +46,9 @@ OTHER_FRAMEWORK_PREFIXES = ("modeling_tf_", "modeling_flax_")
 #: position ids, the shapes a decoder's rotary embedding is called with.
 PROBE_SHAPE = (1, 4, 8)
 PROBE_POSITIONS = 4
+#: Rows of multimodal-RoPE position ids (temporal, height, width), the layout
+#: the probe retries with when 2-D positions fail.
+MROPE_AXES = 3
 
 #: Constructor parameters read from the config under another name.
 _THETA_NAMES = ("base", "theta", "rope_theta")
@@ -297,11 +301,19 @@ def candidate_config_classes(rotary: RotaryClass) -> list[type]:
     return ordered
 
 
-def _config_family(config, depth: int = 3) -> list:
-    """``config`` and its sub-configs (breadth first, ``depth`` levels): the
-    entries of ``sub_configs`` and ``get_text_config()``."""
+def _config_family(config, depth: int = 3) -> tuple[list, set[int]]:
+    """``config`` and its sub-configs, breadth first, ``depth`` levels deep.
+
+    Args:
+        config: the root config.
+        depth: how many levels to walk.
+
+    Returns:
+        (the configs, each once; the ids of those that another member's
+        ``get_text_config()`` returned, i.e. the text sub-configs).
+    """
     base = _config_base()
-    family, seen, level = [], set(), [config]
+    family, seen, text_ids, level = [], set(), set(), [config]
     for _ in range(depth):
         next_level = []
         for item in level:
@@ -309,25 +321,33 @@ def _config_family(config, depth: int = 3) -> list:
                 continue
             seen.add(id(item))
             family.append(item)
-            children = [getattr(item, name, None) for name in sorted(getattr(item, "sub_configs", None) or {})]
             try:
-                children.append(item.get_text_config())
+                text = item.get_text_config()
             except Exception:  # not every config has a text part; some raise when asked
-                pass
+                text = None
+            if isinstance(text, base) and text is not item:  # many configs answer themselves
+                text_ids.add(id(text))
+                next_level.append(text)  # first, so it is walked before the other sub-configs
+            children = [getattr(item, name, None) for name in sorted(getattr(item, "sub_configs", None) or {})]
             next_level.extend(child for child in children if isinstance(child, base))
         level = next_level
-    return family
+    return family, text_ids
 
 
-def _rank_family(rotary: RotaryClass, family: list, wanted: list[type]) -> list:
-    """A config family ordered for ``rotary``: the annotated class itself,
-    then its subclasses, then the rest; closest name first within each."""
+def _rank_family(rotary: RotaryClass, family: list, text_ids: set[int], wanted: list[type]) -> list:
+    """A config family ordered for ``rotary``.
+
+    The annotated class itself comes first, then its subclasses, then the
+    rest; within each group the closest name, then text configs (a text
+    rotary annotated with its multimodal parent, as Qwen2.5-Omni's is, is
+    built from the text sub-config), then the shortest name difference.
+    """
 
     def key(config):
         kind = type(config)
         match = 0 if kind in wanted else 1 if isinstance(config, tuple(wanted)) else 2
         common, length = _name_closeness(rotary.name, kind)
-        return match, -common, -length
+        return match, -common, id(config) not in text_ids, -length
 
     return sorted(family, key=key)  # stable: breadth-first order breaks ties
 
@@ -351,7 +371,8 @@ def candidate_configs(rotary: RotaryClass, problems: list[str]) -> Iterator:
         except Exception as exc:  # a config may require arguments; try the next one
             problems.append(f"{config_cls.__name__}() failed: {type(exc).__name__}: {exc}")
             continue
-        for member in _rank_family(rotary, _config_family(config), wanted):
+        family, text_ids = _config_family(config)
+        for member in _rank_family(rotary, family, text_ids, wanted):
             if id(member) not in seen:
                 seen.add(id(member))
                 yield member
@@ -423,8 +444,64 @@ def constructor_arguments(cls: type, config, device) -> dict:
     return kwargs
 
 
+#: Standard RoPE (``rope_type`` "default", base 10000: transformers' own
+#: defaults), used only to repair a default config that declares RoPE
+#: parameters but leaves them empty, which its own model cannot be built from
+#: either: CohereCompassTextConfig (5.x, ``rope_parameters == {}``),
+#: MllamaTextConfig and Qwen3VLTextConfig (4.57, ``rope_scaling is None``).
+STANDARD_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def with_standard_rope(config, per_layer_type: bool):
+    """A copy of ``config`` with STANDARD_ROPE filled into its empty RoPE
+    parameters, or None when it has some already or declares none.
+
+    Args:
+        config: a config instance.
+        per_layer_type: the rotary reads ``rope_parameters[layer_type]`` (5.x),
+            so the parameters are filled per entry of ``config.layer_types``.
+
+    Returns:
+        The repaired copy, or None. In 5.x the parameters live in
+        ``rope_parameters`` (``rope_scaling`` is an alias of it); in 4.x the
+        type lives in ``rope_scaling`` and the base in ``rope_theta``.
+    """
+    if hasattr(config, "rope_parameters"):
+        if config.rope_parameters:
+            return None
+        repaired = copy.deepcopy(config)
+        layer_types = getattr(config, "layer_types", None)
+        if per_layer_type and layer_types:
+            repaired.rope_parameters = {layer: dict(STANDARD_ROPE) for layer in set(layer_types)}
+        else:
+            repaired.rope_parameters = dict(STANDARD_ROPE)
+        return repaired
+    if not hasattr(config, "rope_scaling") or config.rope_scaling is not None:
+        return None
+    repaired = copy.deepcopy(config)
+    repaired.rope_scaling = {"rope_type": STANDARD_ROPE["rope_type"]}
+    if getattr(config, "rope_theta", None) is None:
+        repaired.rope_theta = STANDARD_ROPE["rope_theta"]
+    return repaired
+
+
+def _build(rotary: RotaryClass, config, device, problems: list[str], label: str) -> torch.nn.Module | None:
+    """``rotary.cls`` built from ``config``, or None (with a line in
+    ``problems``) when the constructor fails."""
+    try:
+        return rotary.cls(**constructor_arguments(rotary.cls, config, device))
+    except Exception as exc:  # this config does not fit; the next may
+        problems.append(f"{label}: {type(exc).__name__}: {exc}")
+        logger.debug("%s from %s failed: %s", rotary.name, label, exc)
+        return None
+
+
 def default_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build ``rotary.cls`` from its model's default config.
+
+    Every candidate config (see :func:`candidate_configs`) is tried as it is;
+    only when all fail are they tried again with STANDARD_ROPE filled into
+    empty ``rope_parameters`` (see :func:`with_standard_rope`).
 
     Args:
         rotary: the rotary class (from :func:`iter_catalog` or discovery).
@@ -438,17 +515,22 @@ def default_instance(rotary: RotaryClass, device: str | torch.device = "cpu") ->
             each config tried and its error.
     """
     problems: list[str] = []
+    tried = []
     for config in candidate_configs(rotary, problems):
-        label = type(config).__name__
-        try:
-            kwargs = constructor_arguments(rotary.cls, config, device)
-            module = rotary.cls(**kwargs)
-        except Exception as exc:  # this config does not fit; the next may
-            problems.append(f"{label}: {type(exc).__name__}: {exc}")
-            logger.debug("%s from %s failed: %s", rotary.name, label, exc)
+        tried.append(config)
+        module = _build(rotary, config, device, problems, type(config).__name__)
+        if module is not None:
+            logger.debug("%s built from %s", rotary.name, type(config).__name__)
+            return module.to(device).eval()
+    for config in tried:
+        repaired = with_standard_rope(config, rotary.takes_layer_type)
+        if repaired is None:
             continue
-        logger.debug("%s built from %s", rotary.name, label)
-        return module.to(device).eval()
+        label = f"{type(config).__name__} with standard RoPE parameters"
+        module = _build(rotary, repaired, device, problems, label)
+        if module is not None:
+            logger.debug("%s built from %s", rotary.name, label)
+            return module.to(device).eval()
     if not problems:
         problems.append(f"no config class found for model type {rotary.model_type!r}")
     raise InstantiationError(f"{rotary.name}: " + "; ".join(problems))
@@ -489,7 +571,19 @@ def probe_inputs(device: str | torch.device = "cpu") -> tuple[torch.Tensor, torc
     return x, torch.arange(PROBE_POSITIONS, device=device)[None]
 
 
-def probe_forward(rotary: RotaryClass, instance: torch.nn.Module, layer_type: str | None = None):
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's buffers or parameters live (cpu when it has none)."""
+    for tensor in (*module.buffers(), *module.parameters()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def probe_forward(
+    rotary: RotaryClass,
+    instance: torch.nn.Module,
+    layer_type: str | None = None,
+    position_ids: torch.Tensor | None = None,
+):
     """Call the class's own (unpatched) forward on the probe inputs.
 
     Args:
@@ -497,6 +591,8 @@ def probe_forward(rotary: RotaryClass, instance: torch.nn.Module, layer_type: st
             discovery, before any patching.
         instance: a built module.
         layer_type: passed as the third argument when the forward takes one.
+        position_ids: replaces the probe's 2-D positions (moved to the
+            instance's device).
 
     Returns:
         The forward's output, checked to be a tensor or a tuple/list of tensors.
@@ -506,15 +602,44 @@ def probe_forward(rotary: RotaryClass, instance: torch.nn.Module, layer_type: st
         Exception: whatever the forward raises.
     """
     forward = rotary.forward or getattr(rotary.cls, "forward")
-    device = next(iter(instance.buffers()), torch.empty(0)).device
-    x, position_ids = probe_inputs(device)
-    args = (x, position_ids, layer_type) if rotary.takes_layer_type else (x, position_ids)
+    device = _device_of(instance)
+    x, default_positions = probe_inputs(device)
+    positions = default_positions if position_ids is None else position_ids.to(device)
+    args = (x, positions, layer_type) if rotary.takes_layer_type else (x, positions)
     with torch.no_grad():
         out = forward(instance, *args)
     parts = out if isinstance(out, (tuple, list)) else (out,)
     if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
         raise TypeError(f"forward returned {type(out).__name__}, not tensors")
     return out
+
+
+def probe_problem(rotary: RotaryClass, instance: torch.nn.Module, layer_type: str | None = None) -> str | None:
+    """Why the probe forward fails for one layer type, or None when it works.
+
+    When the 2-D positions fail, the forward is tried again with them
+    expanded to ``(MROPE_AXES, batch, seq)``, the layout multimodal RoPE
+    (Qwen2-VL style, in transformers 4.x) requires, and the reason says
+    whether that worked.
+
+    Args:
+        rotary: the class.
+        instance: a built module.
+        layer_type: passed through to :func:`probe_forward`.
+    """
+    try:
+        probe_forward(rotary, instance, layer_type)
+        return None
+    except Exception as exc:  # reported to the caller as a reason
+        reason = f"{type(exc).__name__}: {exc}"
+    if layer_type is not None:
+        reason += f" (layer_type={layer_type!r})"
+    mrope_positions = torch.arange(PROBE_POSITIONS)[None].expand(MROPE_AXES, -1, -1)
+    try:
+        probe_forward(rotary, instance, layer_type, mrope_positions)
+    except Exception as exc:  # the retry only qualifies the first reason
+        return f"{reason}; with {MROPE_AXES}-D multimodal position ids too: {type(exc).__name__}: {exc}"
+    return f"{reason}; works with position ids of shape ({MROPE_AXES}, batch, seq) (multimodal RoPE)"
 
 
 def verify(rotary: RotaryClass, device: str | torch.device = "cpu") -> CatalogEntry:
@@ -534,10 +659,7 @@ def verify(rotary: RotaryClass, device: str | torch.device = "cpu") -> CatalogEn
     except InstantiationError as exc:
         return CatalogEntry(rotary, "no-instance", str(exc))
     layer_types = tuple(layer_types_of(instance))
-    for layer_type in layer_types:
-        try:
-            probe_forward(rotary, instance, layer_type)
-        except Exception as exc:  # reported, not raised: the CLI lists every class
-            where = f" (layer_type={layer_type!r})" if layer_type is not None else ""
-            return CatalogEntry(rotary, "forward", f"{type(exc).__name__}: {exc}{where}", layer_types)
+    problems = [p for p in (probe_problem(rotary, instance, t) for t in layer_types) if p]
+    if problems:
+        return CatalogEntry(rotary, "forward", "; ".join(problems), layer_types)
     return CatalogEntry(rotary, "ok", None, layer_types)

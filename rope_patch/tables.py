@@ -347,6 +347,7 @@ def slow_call(module, original: Callable, x, position_ids, layer_type, extra: tu
             return unpatched()
         table = state.tables.get(key)
         if table is None or high >= table.size or not table.is_current(module):
+            _drop_stale(module, state)
             try:
                 table = _build(module, original, x, extra, state, needed=high + 1)
             except NotCacheable as error:
@@ -359,6 +360,14 @@ def slow_call(module, original: Callable, x, position_ids, layer_type, extra: tu
             except (IndexError, RuntimeError):
                 return unpatched()
         return _verify_first_use(module, state, table, x, position_ids, unpatched)
+
+
+def _drop_stale(module, state: ModuleState) -> None:
+    """Forget tables built from frequency state the module no longer has
+    (after ``.to(dtype)`` or a device move), so they do not pin memory."""
+    for key, table in list(state.tables.items()):
+        if table is not None and not table.is_current(module):
+            del state.tables[key]
 
 
 def _verify_first_use(module, state, table, x, position_ids, unpatched):

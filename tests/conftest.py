@@ -1,0 +1,61 @@
+"""Shared fixtures: a clean environment, patching set up and torn down per
+test, and the one comparison every test uses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import rope_patch
+from rope_patch import settings
+from rope_patch.identity import difference
+
+ROPE_VARIABLES = tuple(settings.VARIABLES)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    """No ROPE_PATCH_* variable leaks in from the caller's shell, and every
+    test leaves the process unpatched."""
+    for name in ROPE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if rope_patch.is_patched():
+        rope_patch.unpatch()
+
+
+@pytest.fixture
+def patched():
+    """Patching active for the duration of one test."""
+    assert rope_patch.patch()
+    yield
+    rope_patch.unpatch()
+
+
+def unpatched(module, *args):
+    """What the unpatched forward returns (the original function, run through
+    rope_patch.disabled())."""
+    with rope_patch.disabled():
+        return module(*args)
+
+
+def assert_identical(expected, actual):
+    """Bit-identical: same type, dtype, shape, device, strides and bits."""
+    problem = difference(expected, actual)
+    assert problem is None, problem
+
+
+def subprocess_env(**extra):
+    """Environment for a child Python: this checkout importable, no
+    ROPE_PATCH_* from the parent unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in ROPE_VARIABLES}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def cpu_threads():
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
