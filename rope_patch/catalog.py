@@ -16,7 +16,20 @@ per-model table:
    class and the closest name first;
 3. the ``__init__``'s parameters are filled by name: a config parameter gets
    the config, ``device`` the device, ``dim``/``base``/``theta`` values read
-   from the config, others a same-named config attribute or their default.
+   from the config, others a same-named config attribute or their default;
+4. only when every config fails are they retried with standard RoPE
+   parameters filled into empty ones (:func:`with_standard_rope`), which
+   repairs default configs their own models cannot be built from.
+
+For dimension-style constructors (``dim``, ``theta``) the instance gets the
+config's head size, not necessarily the slice the model itself passes (vision
+rotaries use half of it): the instance is for exercising the class, not for
+reproducing a model's numbers.
+
+API: :func:`scan_catalog` (classes and import failures), :func:`iter_catalog`
+(classes only), :func:`default_instance`, :func:`layer_types_of`, and for the
+CLI's ``--verify`` :func:`check` / :func:`probe_problem` (bit-identity of
+the patched forward is :mod:`rope_patch.verify`'s job, not this module's).
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from rope_patch.discovery import RotaryClass, describe, modeling_module_names, rotary_classes
+from rope_patch.forward import original_of
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +108,22 @@ class Catalog:
 
 @dataclasses.dataclass(frozen=True)
 class CatalogEntry:
-    """A rotary class with the outcome of :func:`verify`.
+    """A rotary class with the outcome of :func:`check`.
 
     Attributes:
         rotary: the class, as discovery describes it.
-        status: ``ok`` (built, and its forward returned tensors for every
-            layer type), ``unsupported`` (discovery rules the forward out; not
-            built), ``no-instance`` (default_instance failed) or ``forward``
-            (built, but the probe forward failed).
+        status: ``unchecked`` (not checked yet), ``ok`` (built, and its
+            forward returned tensors for every layer type), ``unsupported``
+            (discovery rules the forward out; not built), ``no-instance``
+            (default_instance failed) or ``forward`` (built, but the probe
+            forward failed).
         reason: why, when status is not ``ok``.
         layer_types: the layer types probed (``(None,)`` when the forward
             takes none; empty when nothing was built).
     """
 
     rotary: RotaryClass
-    status: str = "ok"
+    status: str = "unchecked"
     reason: str | None = None
     layer_types: tuple[str | None, ...] = ()
 
@@ -183,6 +198,7 @@ def _config_base() -> type:
 
 
 def _is_config_class(obj) -> bool:
+    """Whether ``obj`` is a concrete transformers config class."""
     return isinstance(obj, type) and issubclass(obj, _config_base()) and obj is not _config_base()
 
 
@@ -236,12 +252,17 @@ def _wanted_config_classes(cls: type) -> list[type]:
 
 
 def _stem(name: str, suffix: str) -> str:
+    """``name`` lower-cased, without ``suffix``: the model part of a class name."""
     return (name[: -len(suffix)] if name.endswith(suffix) else name).lower()
 
 
 def _name_closeness(rotary_name: str, config_cls: type) -> tuple[int, int]:
     """How well a config class's name matches a rotary class's name, larger
     is closer: ``Qwen3VLTextRotaryEmbedding`` is closest to ``Qwen3VLTextConfig``.
+
+    Args:
+        rotary_name: the rotary class's name.
+        config_cls: a config class.
 
     Returns:
         (length of the common prefix of the two stems, minus the difference
@@ -587,8 +608,9 @@ def probe_forward(
     """Call the class's own (unpatched) forward on the probe inputs.
 
     Args:
-        rotary: the class record; its ``forward`` is the function captured at
-            discovery, before any patching.
+        rotary: the class record; its ``forward`` (or, if it was captured
+            while patched, the original behind rope_patch's replacement) is
+            what runs.
         instance: a built module.
         layer_type: passed as the third argument when the forward takes one.
         position_ids: replaces the probe's 2-D positions (moved to the
@@ -602,6 +624,7 @@ def probe_forward(
         Exception: whatever the forward raises.
     """
     forward = rotary.forward or getattr(rotary.cls, "forward")
+    forward = original_of(forward) or forward  # never probe our own replacement
     device = _device_of(instance)
     x, default_positions = probe_inputs(device)
     positions = default_positions if position_ids is None else position_ids.to(device)
@@ -642,7 +665,7 @@ def probe_problem(rotary: RotaryClass, instance: torch.nn.Module, layer_type: st
     return f"{reason}; works with position ids of shape ({MROPE_AXES}, batch, seq) (multimodal RoPE)"
 
 
-def verify(rotary: RotaryClass, device: str | torch.device = "cpu") -> CatalogEntry:
+def check(rotary: RotaryClass, device: str | torch.device = "cpu") -> CatalogEntry:
     """Build ``rotary`` and probe its forward for every layer type.
 
     Args:

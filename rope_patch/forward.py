@@ -18,6 +18,8 @@ from rope_patch import tables
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
 _states = tables._states  # the dict itself: one lookup per call, no attribute hop
+_embedding = torch.embedding
+_INDEX_DTYPES = tables.INDEX_DTYPES
 
 
 class _Local(threading.local):
@@ -70,12 +72,22 @@ def make_forward(original, takes_layer_type: bool):
         if state is not None:
             table = state.tables.get((x.device, x.dtype, layer_type))
             if table is not None:
+                pair = table.pair
                 try:
-                    out = table.answer(self, x, position_ids)
+                    if pair is None:
+                        out = table.answer(self, x, position_ids)
+                        if out is not None:
+                            return out
+                    elif (
+                        position_ids.dim() == 2
+                        and position_ids.dtype in _INDEX_DTYPES
+                        and table.is_current(self)
+                    ):
+                        # The common case (CPU, a (cos, sin) pair): two gathers.
+                        # An out-of-range position raises IndexError here.
+                        return _embedding(pair[0], position_ids), _embedding(pair[1], position_ids)
                 except (IndexError, RuntimeError):
-                    out = None
-                if out is not None:
-                    return out
+                    pass
         return tables.slow_call(self, original, x, position_ids, layer_type, extra)
 
     setattr(forward, MARKER, original)

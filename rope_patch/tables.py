@@ -87,6 +87,7 @@ class Table:
         "container",
         "size",
         "verified",
+        "pair",
         "buffers",
         "scalars",
         "bound_check",
@@ -96,12 +97,15 @@ class Table:
         "layouts",
     )
 
-    def __init__(self, columns, container, size, module, device, bound_check, original, extra):
+    def __init__(self, columns, container, size, module, device, bound_check, original, extra, read):
         self.columns = tuple(columns)
         self.container = container
         self.single = container is None
         self.size = size
         self.verified = False
+        #: (cos, sin) once verified, when a call is exactly two plain gathers:
+        #: the forward's fast path (see rope_patch.forward).
+        self.pair = None
         self.device = device
         self.bound_check = bound_check
         self.original = original
@@ -110,18 +114,30 @@ class Table:
         # A dict: outputs follow an input-dependent layout, learnt per input
         # shape from the unpatched forward on the meta device (GPT-OSS on 4.57).
         self.layouts = None
-        self.buffers = tuple((name, t, t._version) for name, t in module._buffers.items() if t is not None)
+        # Watch the buffers the forward read while building (all of them if
+        # it read none through torch, to stay on the safe side).
+        self.buffers = tuple(
+            (name, t, t._version)
+            for name, t in module._buffers.items()
+            if t is not None and (not read or name in read)
+        )
         self.scalars = tuple(
             (name, value)
             for name, value in vars(module).items()
             if name.endswith("scaling") and isinstance(value, (int, float))
         )
 
+    def mark_verified(self) -> None:
+        """The first real call matched: enable the fast path."""
+        self.verified = True
+        if self.container is tuple and len(self.columns) == 2 and self.layouts is None and not self.bound_check:
+            self.pair = self.columns
+
     def is_current(self, module) -> bool:
         """The module's frequency state is what the table was built from."""
         buffers = module._buffers
         for name, tensor, version in self.buffers:
-            if buffers.get(name) is not tensor or tensor._version != version:
+            if tensor._version != version or buffers.get(name) is not tensor:
                 return False
         attributes = module.__dict__
         for name, value in self.scalars:
@@ -387,7 +403,7 @@ def _verify_first_use(module, state, table, x, position_ids, unpatched):
         if difference(exact, actual) is not None:
             _disable(module, state, f"first call differs from the unpatched forward: {problem}")
             return expected
-    table.verified = True
+    table.mark_verified()
     return actual
 
 
@@ -405,8 +421,9 @@ def _build(module, original, x, extra, state: ModuleState, needed: int) -> Table
     device = x.device
     size = _table_size(needed, state)
     positions = torch.arange(size, device=device)[None]
+    reads = _BufferReads(module)
     try:
-        with exact_numerics(device.type):
+        with exact_numerics(device.type), reads:
             out = original(module, x, positions, *extra)
     except Exception as error:  # noqa: BLE001
         raise NotCacheable(f"forward on arange positions raised {error!r}") from error
@@ -419,9 +436,29 @@ def _build(module, original, x, extra, state: ModuleState, needed: int) -> Table
             )
     columns = [tensor[0].contiguous() for tensor in outputs]
     bound_check = device.type != "cpu" and state.presize is None
-    table = Table(columns, container, size, module, device, bound_check, original, extra)
+    table = Table(columns, container, size, module, device, bound_check, original, extra, reads.names)
     _probe(table, module, x)
     return table
+
+
+class _BufferReads(torch.overrides.TorchFunctionMode):
+    """Records which of the module's buffers the forward passes to torch
+    (``self.inv_freq.to(...)``, ``self.inv_freq[None, :, None]``), so that the
+    per-call staleness check watches only those."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._by_id = {id(t): name for name, t in module._buffers.items() if t is not None}
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                name = self._by_id.get(id(item))
+                if name is not None:
+                    self.names.add(name)
+        return func(*args, **kwargs)
 
 
 def _split_outputs(out):
