@@ -112,7 +112,7 @@ class Table:
         self.extra = extra
         # None: outputs are always contiguous (a cat or a fresh tensor).
         # A dict: outputs follow an input-dependent layout, learnt per input
-        # shape from the unpatched forward on the meta device (GPT-OSS on 4.57).
+        # shape from the unpatched forward itself (GPT-OSS and Llama4 text on 4.57).
         self.layouts = None
         # Watch the buffers the forward read while building (all of them if
         # it read none through torch, to stay on the safe side).
@@ -186,13 +186,19 @@ class Table:
         return out if self.container is tuple else self.container(out)
 
     def _lookup_with_layout(self, x, position_ids, module):
+        """For forwards whose output layout follows the input: the first call
+        with a new input shape/stride is answered by the forward itself (under
+        exact numerics) and its output strides are remembered; later calls
+        gather and copy into that layout."""
         key = (position_ids.shape, position_ids.stride())
         strides = self.layouts.get(key)
         if strides is None:
-            strides = _meta_strides(self.original, module, x, position_ids, self.extra)
+            with exact_numerics(x.device.type):
+                out = self.original(module, x, position_ids, *self.extra)
             if len(self.layouts) >= _LAYOUT_MEMO_LIMIT:
                 self.layouts.clear()
-            self.layouts[key] = strides
+            self.layouts[key] = tuple(t.stride() for t in ((out,) if self.single else out))
+            return out
         out = []
         for column, stride in zip(self.columns, strides):
             gathered = _embedding(column, position_ids)
@@ -206,18 +212,6 @@ class Table:
 def _capturing(device: torch.device) -> bool:
     """A CUDA graph is being captured: no host sync is allowed."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _meta_strides(original, module, x, position_ids, extra) -> tuple:
-    """Output strides of the unpatched forward for this input, computed on the
-    meta device (no data, no kernels)."""
-    meta = torch.device("meta")
-    x_meta = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=meta)
-    pos_meta = torch.empty_strided(position_ids.shape, position_ids.stride(), dtype=position_ids.dtype, device=meta)
-    with torch.no_grad():
-        out = original(module, x_meta, pos_meta, *extra)
-    outputs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-    return tuple(t.stride() for t in outputs)
 
 
 # --------------------------------------------------------------------------
@@ -291,7 +285,11 @@ def table_bytes(module=None) -> int:
 
 def _max_position_embeddings(module) -> int | None:
     config = getattr(module, "config", None)
-    for source, name in ((config, "max_position_embeddings"), (module, "original_max_seq_len")):
+    for source, name in (
+        (config, "max_position_embeddings"),
+        (module, "original_max_seq_len"),
+        (module, "max_positions"),
+    ):
         value = getattr(source, name, None) if source is not None else None
         if isinstance(value, int) and value > 0:
             return value
@@ -367,8 +365,9 @@ def slow_call(module, original: Callable, x, position_ids, layer_type, extra: tu
             try:
                 table = _build(module, original, x, extra, state, needed=high + 1)
             except NotCacheable as error:
-                _disable(module, state, str(error))
-                return unpatched()
+                table = _rebuild_exactly(module, original, x, extra, state, high + 1, error, unpatched)
+                if table is None:
+                    return unpatched()
             state.tables[key] = table
         if table.verified:
             try:
@@ -376,6 +375,22 @@ def slow_call(module, original: Callable, x, position_ids, layer_type, extra: tu
             except (IndexError, RuntimeError):
                 return unpatched()
         return _verify_first_use(module, state, table, x, position_ids, unpatched)
+
+
+def _rebuild_exactly(module, original, x, extra, state, needed, error, unpatched):
+    """After a failed build: a forward whose own range ends before the
+    rounded-up table size (GPT-J's fixed ``embed_positions``) gets a table of
+    exactly ``needed`` positions, and the cap stops there. If the call itself
+    raises, that exception propagates and nothing is disabled."""
+    unpatched()  # raises when these positions are invalid for the module itself
+    if _table_size(needed, state) > needed:
+        state.cap = needed
+        try:
+            return _build(module, original, x, extra, state, needed=needed)
+        except NotCacheable as retry_error:
+            error = retry_error
+    _disable(module, state, str(error))
+    return None
 
 
 def _drop_stale(module, state: ModuleState) -> None:
@@ -495,17 +510,13 @@ def _probe(table: Table, module, x) -> None:
             (positions, table.original(module, x, positions, *table.extra))
             for positions in _probe_positions(table.size, x.device)
         ]
-    for attempt in ("plain", "layout"):
+    problems = [difference(want, table.lookup(x, positions, module)) for positions, want in expected]
+    if any(problems) and all(p is None or "strides" in p for p in problems):
+        # Same shapes, other strides: answer in the layout the forward uses.
+        table.layouts = {}
+        for positions, _ in expected:
+            table.lookup(x, positions, module)  # learns the layout
         problems = [difference(want, table.lookup(x, positions, module)) for positions, want in expected]
-        problem = next((p for p in problems if p), None)
-        if problem is None:
-            return
-        if attempt == "plain" and all(p is None or p.startswith("output") and "strides" in p for p in problems):
-            # Same values, other strides: learn the layout from the meta device.
-            table.layouts = {}
-            try:
-                _meta_strides(table.original, module, x, expected[0][0], table.extra)
-            except Exception as error:  # noqa: BLE001
-                raise NotCacheable(f"output strides follow the input and meta tracing fails: {error!r}") from error
-            continue
+    problem = next((p for p in problems if p), None)
+    if problem is not None:
         raise NotCacheable(f"probe positions differ from the unpatched forward: {problem}")

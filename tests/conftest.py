@@ -59,3 +59,22 @@ def subprocess_env(**extra):
 
 def cpu_threads():
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the contract test's coverage: cached / total, and why the others are not."""
+    import sys
+
+    contract = sys.modules.get("tests.test_contract")
+    outcomes = getattr(contract, "OUTCOMES", None)
+    if not outcomes:
+        return
+    counts = {}
+    for status, _ in outcomes.values():
+        counts[status] = counts.get(status, 0) + 1
+    write = terminalreporter.write_line
+    write("")
+    write(f"rope_patch contract coverage: {counts.get('cached', 0)} cached / {len(outcomes)} classes checked ({counts})")
+    for name, (status, reason) in sorted(outcomes.items()):
+        if status != "cached":
+            write(f"  {status:11} {name}: {reason}")
