@@ -1,0 +1,430 @@
+"""The ``rope-patch`` command line: ``list``, ``info``, ``bench`` through
+click's CliRunner, ``run`` and the quickstart example in subprocesses.
+
+Listing imports every modeling module (seconds), so the full listing runs
+once per module (the ``listing`` fixture); other listing tests narrow it with
+a PATTERN or a status that needs no instances, and compare with it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+import rope_patch
+from rope_patch import versions
+from rope_patch.cli import main
+from rope_patch.cli.run import BOOTSTRAP_DIR
+from tests.conftest import ROPE_VARIABLES, subprocess_env
+from tests.models import transformers_major
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"model_type", "module", "class", "status", "reason"}
+STATUSES = {"cached", "fallback", "excluded", "unsupported"}
+#: Fewest classes a full listing must have: transformers 4.57 ships 110, 5.24 ships 227.
+MIN_CLASSES = 200 if transformers_major() >= 5 else 101
+SUMMARY = re.compile(r"^(\d+) class(?:es)?: (\d+) cached, (\d+) fallback, (\d+) excluded, (\d+) unsupported$")
+
+
+def invoke(*args, **env):
+    """Run ``rope-patch ARGS`` in-process with only the given ROPE_PATCH_*
+    variables set (None for the others removes them)."""
+    environment = {name: None for name in ROPE_VARIABLES}
+    environment.update(env)
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 keeps them apart
+    return runner.invoke(main, list(args), env=environment, catch_exceptions=False)
+
+
+def list_json(*args, **env) -> list[dict]:
+    """``rope-patch list --json ARGS``: the rows, after checking that stdout
+    is nothing but the JSON list."""
+    result = invoke("list", "--json", *args, **env)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # fails if anything else is on stdout
+    assert isinstance(rows, list)
+    return rows
+
+
+def key(row) -> tuple[str, str]:
+    return row["module"], row["class"]
+
+
+@pytest.fixture(scope="module")
+def listing() -> list[dict]:
+    """The full ``rope-patch list --json``, computed once."""
+    return list_json()
+
+
+def select(rows, predicate):
+    return [row for row in rows if predicate(row)]
+
+
+# --------------------------------------------------------------------------
+# list
+
+
+def test_list_json_has_every_class_with_exactly_the_documented_keys(listing):
+    assert len(listing) >= MIN_CLASSES, f"only {len(listing)} rows"
+    for row in listing:
+        assert set(row) == KEYS, row
+        assert all(isinstance(value, str) for value in row.values()), row
+        assert row["status"] in STATUSES, row
+        assert row["class"].endswith("RotaryEmbedding"), row
+        assert row["module"].startswith(f"transformers.models.{row['model_type']}.modeling_"), row
+        # Every status but cached has a reason; a cached row explains only
+        # why the probe could not confirm it.
+        if row["status"] == "cached":
+            assert row["reason"] == "" or row["reason"].startswith(("not probed: ", "not instantiated: ")), row
+        else:
+            assert row["reason"], row
+    assert len({key(row) for row in listing}) == len(listing), "a class is listed twice"
+    assert sum(row["status"] == "cached" and not row["reason"] for row in listing) > len(listing) / 2
+    statuses = {row["status"] for row in listing}
+    assert {"cached", "fallback", "unsupported"} <= statuses, statuses
+    assert "excluded" not in statuses, "nothing is excluded without ROPE_PATCH_* variables"
+
+
+def test_list_table_pattern_and_summary_agree_with_json(listing):
+    """``list llama``: the rows whose model type or class contains "llama"
+    (case-insensitive), in a table ending with the counting summary."""
+    result = invoke("list", "llama")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    expected = select(listing, lambda r: "llama" in r["model_type"] or "llama" in r["class"].lower())
+    assert len(expected) >= 3  # llama, llama4, diffllama, ...
+    assert lines[0].split()[:4] == ["MODEL", "TYPE", "CLASS", "STATUS"]
+    body = [line.split(None, 3) for line in lines[1:-1]]
+    assert [(cells[0], cells[1], cells[2]) for cells in body] == [
+        (r["model_type"], r["class"], r["status"]) for r in expected
+    ]
+    match = SUMMARY.match(lines[-1])
+    assert match, lines[-1]
+    counts = [sum(r["status"] == s for r in expected) for s in ("cached", "fallback", "excluded", "unsupported")]
+    assert [int(n) for n in match.groups()] == [len(expected), *counts]
+
+
+def test_list_glob_pattern(listing):
+    rows = list_json("QWEN3*")
+    expected = select(
+        listing,
+        lambda r: fnmatch.fnmatchcase(r["model_type"], "qwen3*") or fnmatch.fnmatchcase(r["class"].lower(), "qwen3*"),
+    )
+    assert rows and rows == expected
+
+
+def test_list_status_filter(listing):
+    unsupported = list_json("--status", "unsupported")
+    assert unsupported == select(listing, lambda r: r["status"] == "unsupported")
+    fallback = list_json("--status", "FALLBACK", "qwen")  # case-insensitive choice, combined with a pattern
+    assert fallback == select(
+        listing, lambda r: r["status"] == "fallback" and ("qwen" in r["class"].lower() or "qwen" in r["model_type"])
+    )
+
+
+def test_disable_variable_excludes_every_class(listing):
+    rows = list_json(ROPE_PATCH_DISABLE="1")
+    assert [key(r) for r in rows] == [key(r) for r in listing]
+    assert {r["status"] for r in rows} == {"excluded"}
+    assert all("ROPE_PATCH_DISABLE" in r["reason"] for r in rows)
+
+
+def test_unparseable_environment_excludes_every_class_naming_the_variable():
+    rows = list_json("--status", "excluded", "llama", ROPE_PATCH_EXCLUDE="not a name!")
+    assert rows and all("ROPE_PATCH_EXCLUDE" in r["reason"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def qwen3_excluded() -> list[dict]:
+    """``ROPE_PATCH_EXCLUDE=qwen3 rope-patch list --json qwen3*``."""
+    return list_json("qwen3*", ROPE_PATCH_EXCLUDE="qwen3")
+
+
+def test_exclude_variable_excludes_only_that_model_type(listing, qwen3_excluded):
+    by_key = {key(r): r for r in listing}
+    excluded = select(qwen3_excluded, lambda r: r["status"] == "excluded")
+    assert [r["class"] for r in excluded] == ["Qwen3RotaryEmbedding"]
+    assert "ROPE_PATCH_EXCLUDE" in excluded[0]["reason"]
+    for row in qwen3_excluded:  # qwen3_moe, qwen3_next...: as without the variable
+        if row["model_type"] != "qwen3":
+            assert row == by_key[key(row)]
+
+
+def test_exclude_variable_takes_class_names():
+    rows = list_json("llama", ROPE_PATCH_EXCLUDE="LlamaRotaryEmbedding")
+    excluded = {r["class"] for r in rows if r["status"] == "excluded"}
+    assert excluded == {"LlamaRotaryEmbedding"}
+
+
+def test_verify_proves_cached_llama_classes():
+    result = invoke("list", "llama", "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    verified = [r["class"] for r in rows if r["status"] == "cached, verified"]
+    assert "LlamaRotaryEmbedding" in verified
+    assert not [r for r in rows if r["status"].startswith("cached") and r["status"] != "cached, verified"]
+
+
+def test_verify_exits_1_and_names_a_mismatch(monkeypatch):
+    """A mismatch reported by verify_module becomes the row's status and the
+    exit code (verify_module is replaced so the runtime need not be broken)."""
+    from rope_patch import verify
+
+    def mismatching(module, layer_types=(None,), device="cpu", dtype=None):
+        return verify.Verdict(cached=True, problems=["decode 1x1: values differ"], fallback=None)
+
+    monkeypatch.setattr(verify, "verify_module", mismatching)
+    result = invoke("list", "--verify", "LlamaRotaryEmbedding")
+    assert result.exit_code == 1, result.output
+    assert "cached, mismatch" in result.stdout and "decode 1x1: values differ" in result.stdout
+
+
+def test_list_agrees_with_import_rope_patch_auto_in_a_child(listing, qwen3_excluded):
+    """For classes of every status, ``list --json`` says cached or fallback
+    exactly when ``import rope_patch.auto`` wraps the class's forward in a
+    fresh interpreter, with and without ROPE_PATCH_EXCLUDE."""
+    picks = {}
+    for status in ("cached", "fallback", "unsupported"):
+        for row in [r for r in listing if r["status"] == status][:2]:
+            picks[key(row)] = row
+    for row in listing:
+        if row["class"] in ("LlamaRotaryEmbedding", "Gemma3RotaryEmbedding", "Qwen3RotaryEmbedding"):
+            picks[key(row)] = row
+    cases = [(list(picks.values()), {}), (qwen3_excluded, {"ROPE_PATCH_EXCLUDE": "qwen3"})]
+    code = textwrap.dedent(
+        """
+        import importlib, json, sys
+        import rope_patch.auto
+        from rope_patch.forward import original_of
+        rows = json.loads(sys.argv[1])
+        print(json.dumps([
+            original_of(getattr(getattr(importlib.import_module(m), c), "forward")) is not None for m, c in rows
+        ]))
+        """
+    )
+    for rows, env in cases:
+        child = subprocess.run(
+            [sys.executable, "-c", code, json.dumps([key(r) for r in rows])],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=subprocess_env(**env),
+            timeout=300,
+        )
+        assert child.returncode == 0, child.stderr
+        wrapped = json.loads(child.stdout.strip().splitlines()[-1])
+        listed = [r["status"] in ("cached", "fallback") for r in rows]
+        assert dict(zip([r["class"] for r in rows], wrapped)) == dict(zip([r["class"] for r in rows], listed)), env
+        assert any(wrapped) and not all(wrapped)
+
+
+# --------------------------------------------------------------------------
+# info, --version, bench
+
+
+def test_info_shows_versions_ranges_and_variables():
+    result = invoke("info", ROPE_PATCH_EXCLUDE="qwen3")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"rope-patch {rope_patch.__version__}" in out
+    for package in ("torch", "transformers", "wrapt"):
+        assert versions.installed(package) in out
+    for low, high in versions.SUPPORTED.values():
+        assert f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}" in out
+    for name in ROPE_VARIABLES:
+        assert name in out
+    assert "'qwen3'" in out and "environment parses: yes" in out
+
+
+def test_info_reports_an_unparseable_environment_and_unknown_variables():
+    result = invoke("info", ROPE_PATCH_DISABLE="maybe", ROPE_PATCH_TYPO="1")
+    assert result.exit_code == 0, result.output
+    assert "environment parses: no" in result.stdout and "ROPE_PATCH_DISABLE='maybe'" in result.stdout
+    assert re.search(r"ROPE_PATCH_TYPO\s+'1'\s+unknown variable", result.stdout)
+
+
+def test_info_and_version_import_neither_torch_nor_transformers():
+    code = (
+        "import sys\n"
+        "from rope_patch.cli import main\n"
+        "for args in (['info'], ['--version']):\n"
+        "    try:\n"
+        "        main(args, prog_name='rope-patch')\n"
+        "    except SystemExit as exit:\n"
+        "        assert not exit.code, exit.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_names_rope_patch_torch_transformers_wrapt():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    line = result.stdout.strip()
+    assert line.startswith(f"rope-patch {rope_patch.__version__} (")
+    for package in ("torch", "transformers", "wrapt"):
+        assert f"{package} {versions.installed(package)}" in line
+
+
+def test_bench_prints_one_row_per_shape():
+    result = invoke("bench", "--shapes", "1x1,2x3", "--repeats", "3", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    rows = [line.split() for line in lines if re.match(r"^\d+x\d+ ", line)]
+    assert [row[0] for row in rows] == ["1x1", "2x3"], result.stdout
+    for row in rows:
+        unpatched, patched, floor = (float(cell) for cell in row[1:4])
+        assert unpatched > 0 and patched > 0 and floor > 0
+        assert row[4].endswith("x")
+        assert float(row[4][:-1]) == pytest.approx(unpatched / patched, rel=0.05, abs=0.01)
+
+
+# --------------------------------------------------------------------------
+# Bad options: a usage error (exit 2) naming the problem, no traceback
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["list", "--status", "bogus"], "'bogus' is not one of"),
+        (["list", "--dtype", "float16"], "--verify"),
+        (["list", "--verify", "--dtype", "int8"], "'int8' is not one of"),
+        (["list", "--verify", "--device", "tpu"], "'tpu' is not one of"),
+        (["bench", "--shapes", "1y2"], "'1y2' is not BATCHxSEQ"),
+        (["bench", "--shapes", "0x4"], "must be positive"),
+        (["bench", "--repeats", "0"], "--repeats"),
+        (["bench", "--model-type", "gpt2"], "'gpt2' is not one of"),
+        (["bench", "--dtype", "double"], "'double' is not one of"),
+        (["run"], "Missing argument 'PROGRAM'"),
+        (["run", "--exclude", "bad name!", "--", "python"], "is not a model type or class name"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, named):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.stderr and named in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------
+# run (subprocesses: it execs the program)
+
+RUN_CHILD = """
+import json, os, sys
+import usermodule  # importable only through the user's PYTHONPATH
+from transformers.models.llama import modeling_llama
+from rope_patch.forward import original_of
+print(json.dumps({
+    "wrapped": original_of(modeling_llama.LlamaRotaryEmbedding.forward) is not None,
+    "user_sitecustomize": getattr(sys, "user_sitecustomize_ran", False),
+    "sitecustomize": sys.modules["sitecustomize"].__file__,
+    "pythonpath": os.environ["PYTHONPATH"],
+    "exclude": os.environ.get("ROPE_PATCH_EXCLUDE"),
+}))
+sys.exit(3)
+"""
+
+
+@pytest.fixture
+def user_program(tmp_path):
+    """A program, a module only the user's PYTHONPATH provides, and the
+    user's own sitecustomize."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "usermodule.py").write_text("")
+    # It marks the interpreter it runs in (not the environment, which the
+    # child would inherit from a parent that ran it).
+    (user / "sitecustomize.py").write_text("import sys\nsys.user_sitecustomize_ran = True\n")
+    script = tmp_path / "program.py"
+    script.write_text(RUN_CHILD)
+    pythonpath = os.pathsep.join([ROOT, str(user)])
+    return script, str(user), pythonpath
+
+
+def run_cli(args, pythonpath, **env):
+    environment = subprocess_env(**env)
+    environment["PYTHONPATH"] = pythonpath
+    return subprocess.run(
+        [sys.executable, "-m", "rope_patch.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+
+
+def test_run_activates_the_patch_and_keeps_the_users_setup(user_program):
+    script, user, pythonpath = user_program
+    result = run_cli(["run", "--", sys.executable, str(script)], pythonpath)
+    assert result.returncode == 3, result.stderr  # the program's exit status, passed through
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["wrapped"] is True
+    assert report["user_sitecustomize"] is True
+    assert report["sitecustomize"] == os.path.join(user, "sitecustomize.py")
+    assert report["pythonpath"] == os.pathsep.join([BOOTSTRAP_DIR, pythonpath])
+    assert report["exclude"] is None
+
+
+def test_run_exclude_is_merged_into_the_variable(user_program):
+    script, _, pythonpath = user_program
+    result = run_cli(
+        ["run", "--exclude", "llama", "--", sys.executable, str(script)], pythonpath, ROPE_PATCH_EXCLUDE="qwen3"
+    )
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["wrapped"] is False
+    assert report["exclude"] == "qwen3,llama"
+
+
+def test_run_without_rope_patch_run_is_unpatched(user_program):
+    """The same program run directly: not wrapped (so the test above can fail)."""
+    script, _, pythonpath = user_program
+    environment = subprocess_env()
+    environment["PYTHONPATH"] = pythonpath
+    result = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 3, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["wrapped"] is False
+
+
+def test_run_missing_program_exits_127():
+    result = run_cli(["run", "--", "/nonexistent/program"], ROOT)
+    assert result.returncode == 127
+    assert "/nonexistent/program" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------
+# examples
+
+
+def test_quickstart_example_runs():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "quickstart.py")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tokens identical: True" in result.stdout
+    assert "Qwen3RotaryEmbedding: cached" in result.stdout
+    assert re.search(r"unpatched: [\d.]+ ms/token", result.stdout)
+    assert re.search(r"patched: +[\d.]+ ms/token", result.stdout)
