@@ -16,10 +16,14 @@ import torch
 from rope_patch import tables
 
 _Tensor = torch.Tensor
-_is_compiling = torch.compiler.is_compiling
+# Dynamo replaces is_dynamo_compiling() by True while tracing; otherwise it is
+# a bare ``return False`` (is_compiling() also asks jit.is_scripting()). Fake
+# and functional tensors (export, make_fx) fail the exact-type checks below
+# and reach the original anyway.
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _states = tables._states  # the dict itself: one lookup per call, no attribute hop
 _embedding = torch.embedding
-_INDEX_DTYPES = tables.INDEX_DTYPES
+_MISSING = object()
 
 
 class _Local(threading.local):
@@ -53,7 +57,7 @@ def make_forward(original, takes_layer_type: bool):
         if (
             _is_compiling()
             or local.disabled
-            or type(self).forward is not forward
+            or (type(self).forward is not forward and not _wraps(type(self).forward, forward))
             or type(position_ids) is not _Tensor
             or type(x) is not _Tensor
         ):
@@ -70,21 +74,24 @@ def make_forward(original, takes_layer_type: bool):
             extra = ()
         state = _states.get(id(self))
         if state is not None:
-            table = state.tables.get((x.device, x.dtype, layer_type))
-            if table is not None:
+            key = (x.device, x.dtype, layer_type)
+            table = state.tables.get(key, _MISSING)
+            if table is _MISSING:
+                if state.fallback is not None:  # this module is never cached
+                    return original(self, x, position_ids, *extra)
+            elif table is None:  # position-dependent rope type: always unpatched
+                return original(self, x, position_ids, *extra)
+            else:
                 pair = table.pair
                 try:
                     if pair is None:
                         out = table.answer(self, x, position_ids)
                         if out is not None:
                             return out
-                    elif (
-                        position_ids.dim() == 2
-                        and position_ids.dtype in _INDEX_DTYPES
-                        and table.is_current(self)
-                    ):
+                    elif position_ids.dim() == 2 and position_ids.numel() and table.is_current(self):
                         # The common case (CPU, a (cos, sin) pair): two gathers.
-                        # An out-of-range position raises IndexError here.
+                        # Out-of-range positions raise IndexError here, and
+                        # non-index dtypes RuntimeError: both take the slow path.
                         return _embedding(pair[0], position_ids), _embedding(pair[1], position_ids)
                 except (IndexError, RuntimeError):
                     pass
@@ -92,6 +99,23 @@ def make_forward(original, takes_layer_type: bool):
 
     setattr(forward, MARKER, original)
     return forward
+
+
+def _wraps(outer, target, depth: int = 8) -> bool:
+    """``outer`` is ``target`` behind other wrappers (its ``__wrapped__``
+    chain): a foreign decorator applied after rope_patch keeps the tables.
+
+    Checked only when ``type(self).forward`` is not this wrapper, which is
+    otherwise a super() call from a subclass's own wrapped forward: that one
+    must run the original, or two wrappers would share one table key.
+    """
+    for _ in range(depth):
+        outer = getattr(outer, "__wrapped__", None)
+        if outer is None:
+            return False
+        if outer is target:
+            return True
+    return False
 
 
 def original_of(function):
