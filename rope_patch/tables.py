@@ -15,6 +15,9 @@ Why a table may answer a call (all checked before it is used):
 - the frequency state is unchanged: every buffer is the same object at the
   same version counter, and every ``*scaling`` attribute has its value;
 - the first real call on each new table is compared with the unpatched call.
+
+3-D position_ids (multimodal RoPE) are rope_patch.mrope's: it answers them
+from these same tables, learning per module how the axes map to columns.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Table:
         "original",
         "extra",
         "layouts",
+        "mrope",
     )
 
     def __init__(self, columns, container, size, module, device, bound_check, original, extra, read):
@@ -114,6 +118,9 @@ class Table:
         # A dict: outputs follow an input-dependent layout, learnt per input
         # shape from the unpatched forward itself (GPT-OSS and Llama4 text on 4.57).
         self.layouts = None
+        # How 3-D (multimodal RoPE) position_ids are answered from these
+        # columns; owned by rope_patch.mrope, None until the first such call.
+        self.mrope = None
         # Watch the buffers the forward read while building (all of them if
         # it read none through torch, to stay on the safe side).
         self.buffers = tuple(
@@ -153,7 +160,12 @@ class Table:
         May raise IndexError/RuntimeError from the gather (on CPU, positions
         out of range): the caller takes the slow path then.
         """
-        if not self.verified or position_ids.dim() != 2 or position_ids.dtype not in INDEX_DTYPES:
+        if (
+            not self.verified
+            or position_ids.dim() != 2
+            or position_ids.dtype not in INDEX_DTYPES
+            or not position_ids.numel()
+        ):
             return None
         if not self.is_current(module):
             return None
@@ -265,11 +277,14 @@ def _state_for(module) -> ModuleState:
 
 
 def forget_all() -> None:
-    """Drop every table (used by ``unpatch``); modules rebuild on next use."""
+    """Drop every table and fallback record (used by ``unpatch``): after a
+    new ``patch()`` modules rebuild, and decide again, on next use."""
     with _states_lock:
         for state in _states.values():
             with state.lock:
                 state.tables.clear()
+                state.fallback = None
+        observed_fallbacks.clear()
 
 
 def table_bytes(module=None) -> int:
@@ -280,6 +295,7 @@ def table_bytes(module=None) -> int:
         for table in list(state.tables.values()) if state else ():
             if table is not None:
                 total += sum(c.numel() * c.element_size() for c in table.columns)
+                total += mrope.extra_bytes(table)
     return total
 
 
@@ -329,46 +345,22 @@ def slow_call(module, original: Callable, x, position_ids, layer_type, extra: tu
     """Answer a call the fast path could not: build, grow, rebuild or verify
     a table, or compute unpatched. Same result, or same exception, as the
     unpatched forward."""
+    if type(position_ids) is torch.Tensor and position_ids.dim() == 3:
+        # (axes, batch, seq): multimodal RoPE (Qwen2-VL and kin).
+        return mrope.call(module, original, x, position_ids, layer_type, extra)
 
     def unpatched():
         return original(module, x, position_ids, *extra)
 
-    if (
-        type(position_ids) is not torch.Tensor
-        or position_ids.dim() != 2
-        or position_ids.dtype not in INDEX_DTYPES
-        or position_ids.device != x.device
-        or x.device.type == "meta"
-        or position_ids.numel() == 0
-        or _capturing(x.device)
-    ):
+    if not plain_positions(x, position_ids, 2):
         return unpatched()
     state = _state_for(module)
     if state.fallback is not None:
         return unpatched()
-    key = (x.device, x.dtype, layer_type)
     with state.lock:
-        if state.fallback is not None:
+        table = table_for(module, original, x, position_ids, layer_type, extra, state, unpatched)
+        if table is None or not mrope.serves_planar(table):
             return unpatched()
-        if key in state.tables and state.tables[key] is None:
-            return unpatched()
-        reason = _position_dependent_reason(module, layer_type)
-        if reason is not None:
-            state.tables[key] = None
-            return unpatched()
-        low, high = _stack(_aminmax(position_ids)).tolist()
-        if low < 0 or high >= state.cap:
-            return unpatched()
-        table = state.tables.get(key)
-        if table is None or high >= table.size or not table.is_current(module):
-            _drop_stale(module, state)
-            try:
-                table = _build(module, original, x, extra, state, needed=high + 1)
-            except NotCacheable as error:
-                table = _rebuild_exactly(module, original, x, extra, state, high + 1, error, unpatched)
-                if table is None:
-                    return unpatched()
-            state.tables[key] = table
         if table.verified:
             try:
                 return table.lookup(x, position_ids, module)
@@ -377,7 +369,62 @@ def slow_call(module, original: Callable, x, position_ids, layer_type, extra: tu
         return _verify_first_use(module, state, table, x, position_ids, unpatched)
 
 
-def _rebuild_exactly(module, original, x, extra, state, needed, error, unpatched):
+def plain_positions(x, position_ids, dims: int) -> bool:
+    """``position_ids`` is a non-empty ``dims``-D index tensor on x's device,
+    outside CUDA graph capture: a call a table may answer."""
+    return (
+        type(position_ids) is torch.Tensor
+        and position_ids.dim() == dims
+        and position_ids.dtype in INDEX_DTYPES
+        and position_ids.device == x.device
+        and x.device.type != "meta"
+        and position_ids.numel() != 0
+        and not _capturing(x.device)
+    )
+
+
+def table_for(module, original, x, position_ids, layer_type, extra, state: ModuleState, unpatched, build=None):
+    """The current table for this call's (device, dtype, layer_type),
+    covering its positions: built, grown or rebuilt as needed. The caller
+    holds ``state.lock``.
+
+    Args:
+        build: makes a table of at least ``needed`` positions or raises
+            NotCacheable; :func:`_build` (2-D arange positions) by default.
+
+    Returns:
+        The table, or None when this call is computed unpatched (the module
+        fell back, a position-dependent rope type, positions outside the cap).
+        Raises what the unpatched call raises when a failed build turns out
+        to be the call's own fault.
+    """
+    build = build or _build
+    if state.fallback is not None:
+        return None
+    key = (x.device, x.dtype, layer_type)
+    if key in state.tables and state.tables[key] is None:
+        return None
+    reason = _position_dependent_reason(module, layer_type)
+    if reason is not None:
+        state.tables[key] = None
+        return None
+    low, high = _stack(_aminmax(position_ids)).tolist()
+    if low < 0 or high >= state.cap:
+        return None
+    table = state.tables.get(key)
+    if table is None or high >= table.size or not table.is_current(module):
+        _drop_stale(module, state)
+        try:
+            table = build(module, original, x, extra, state, needed=high + 1)
+        except NotCacheable as error:
+            table = _rebuild_exactly(module, original, x, extra, state, high + 1, error, unpatched, build)
+            if table is None:
+                return None
+        state.tables[key] = table
+    return table
+
+
+def _rebuild_exactly(module, original, x, extra, state, needed, error, unpatched, build=None):
     """After a failed build: a forward whose own range ends before the
     rounded-up table size (GPT-J's fixed ``embed_positions``) gets a table of
     exactly ``needed`` positions, and the cap stops there. If the call itself
@@ -386,7 +433,7 @@ def _rebuild_exactly(module, original, x, extra, state, needed, error, unpatched
     if _table_size(needed, state) > needed:
         state.cap = needed
         try:
-            return _build(module, original, x, extra, state, needed=needed)
+            return (build or _build)(module, original, x, extra, state, needed=needed)
         except NotCacheable as retry_error:
             error = retry_error
     _disable(module, state, str(error))
@@ -401,11 +448,15 @@ def _drop_stale(module, state: ModuleState) -> None:
             del state.tables[key]
 
 
-def _verify_first_use(module, state, table, x, position_ids, unpatched):
-    """Compare the table with the unpatched forward on the first real call."""
+def _verify_first_use(module, state, table, x, position_ids, unpatched, lookup=None, mark_verified=None):
+    """Compare the table with the unpatched forward on the first real call.
+
+    ``lookup``/``mark_verified`` default to the table's own; rope_patch.mrope
+    passes those of a 3-D form of the table.
+    """
     expected = unpatched()
     try:
-        actual = table.lookup(x, position_ids, module)
+        actual = (lookup or table.lookup)(x, position_ids, module)
     except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
         _disable(module, state, f"table lookup failed: {error!r}")
         return expected
@@ -418,7 +469,7 @@ def _verify_first_use(module, state, table, x, position_ids, unpatched):
         if difference(exact, actual) is not None:
             _disable(module, state, f"first call differs from the unpatched forward: {problem}")
             return expected
-    table.mark_verified()
+    (mark_verified or table.mark_verified)()
     return actual
 
 
@@ -520,3 +571,8 @@ def _probe(table: Table, module, x) -> None:
     problem = next((p for p in problems if p), None)
     if problem is not None:
         raise NotCacheable(f"probe positions differ from the unpatched forward: {problem}")
+
+
+# mrope builds on this module (Table, table_for, _verify_first_use), so it is
+# imported last: either module can then be imported first.
+from rope_patch import mrope  # noqa: E402
