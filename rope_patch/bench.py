@@ -438,7 +438,7 @@ def forward_latency(
                 got = patched_fn(module, x, positions)
             problem = difference(expected, got)
             assert problem is None, f"{model_type} {shape} {dtype}: patched differs: {problem}"
-            table = tables.state_of(module).tables.get((device, dtype, None))
+            table = tables.state_of(module).tables.get((x.device, dtype, None))  # cuda:0, not cuda
             assert table is not None and table.verified, f"{model_type} {shape}: no verified table"
             floor = Floor(table.columns)
             assert difference(expected, floor(x, positions)) is None
