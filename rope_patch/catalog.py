@@ -51,11 +51,6 @@ from rope_patch.forward import original_of
 
 logger = logging.getLogger(__name__)
 
-#: Modeling modules for other frameworks (transformers 4.x ships TF and Flax
-#: ports next to the torch ones). They cannot define a torch.nn.Module, and
-#: importing them fails without, or is slow with, TensorFlow/JAX installed.
-OTHER_FRAMEWORK_PREFIXES = ("modeling_tf_", "modeling_flax_")
-
 #: Inputs of the forward probe: a (batch, seq, hidden) activation and 2-D
 #: position ids, the shapes a decoder's rotary embedding is called with.
 PROBE_SHAPE = (1, 4, 8)
@@ -136,16 +131,6 @@ class CatalogEntry:
 # Scanning
 
 
-def catalog_module_names() -> list[str]:
-    """The torch modeling modules to scan: discovery's list, sorted, without
-    the TF/Flax ports (see OTHER_FRAMEWORK_PREFIXES)."""
-    return [
-        name
-        for name in modeling_module_names()
-        if not name.rsplit(".", 1)[-1].startswith(OTHER_FRAMEWORK_PREFIXES)
-    ]
-
-
 def scan_catalog(progress: Callable[[int, int, str], None] | None = None) -> Catalog:
     """Import every torch modeling module and collect its rotary classes.
 
@@ -157,7 +142,7 @@ def scan_catalog(progress: Callable[[int, int, str], None] | None = None) -> Cat
         A :class:`Catalog`; modules that fail to import are listed in its
         ``failures`` (and logged at debug) instead of raising.
     """
-    names = catalog_module_names()
+    names = modeling_module_names()
     rotaries: list[RotaryClass] = []
     failures: list[ImportFailure] = []
     for i, name in enumerate(names, start=1):

@@ -17,6 +17,10 @@ from types import ModuleType
 
 MODELS_PACKAGE = "transformers.models"
 ROTARY_SUFFIX = "RotaryEmbedding"
+#: Modeling modules for other frameworks (transformers 4.x ships TF and Flax
+#: ports beside the torch ones): they define no torch module, and importing
+#: them fails without TensorFlow/JAX, so they are neither hooked nor scanned.
+OTHER_FRAMEWORK_PREFIXES = ("modeling_tf_", "modeling_flax_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,7 @@ def models_dir() -> str | None:
 
 
 def modeling_module_names() -> list[str]:
-    """Dotted names of every ``transformers.models.<name>.modeling_*`` module.
+    """Dotted names of every torch ``transformers.models.<name>.modeling_*`` module.
 
     Lists the folder only: nothing is imported, so this is cheap enough for
     ``import rope_patch.auto``.
@@ -78,7 +82,11 @@ def modeling_module_names() -> list[str]:
                 continue
             with os.scandir(model.path) as files:
                 for entry in files:
-                    if entry.name.startswith("modeling_") and entry.name.endswith(".py"):
+                    if (
+                        entry.name.startswith("modeling_")
+                        and entry.name.endswith(".py")
+                        and not entry.name.startswith(OTHER_FRAMEWORK_PREFIXES)
+                    ):
                         names.append(f"{MODELS_PACKAGE}.{model.name}.{entry.name[:-3]}")
     return sorted(names)
 
