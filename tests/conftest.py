@@ -47,6 +47,19 @@ def assert_identical(expected, actual):
     assert problem is None, problem
 
 
+def assert_same_outcome(module, *args):
+    """The patched call returns what the unpatched call returns (twice: first
+    use, then from the table), or raises the same exception type."""
+    try:
+        expected = unpatched(module, *args)
+    except Exception as error:  # noqa: BLE001
+        with pytest.raises(type(error)):
+            module(*args)
+        return
+    for _ in range(2):
+        assert_identical(expected, module(*args))
+
+
 def subprocess_env(**extra):
     """Environment for a child Python: this checkout importable, no
     ROPE_PATCH_* from the parent unless given."""

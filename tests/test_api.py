@@ -6,7 +6,6 @@ import io
 import logging
 import pickle
 
-import pytest
 import torch
 
 import rope_patch

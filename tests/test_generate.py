@@ -7,6 +7,7 @@ import transformers
 
 import rope_patch
 from rope_patch import tables
+from tests import models
 from tests.conftest import assert_identical
 
 MODELS = {
@@ -17,15 +18,7 @@ MODELS = {
     "cohere": ("CohereConfig", "CohereForCausalLM", {}),
 }
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=512,
-)
+TINY = dict(models.TINY, vocab_size=256, max_position_embeddings=512)
 
 
 def build(config_name, model_name, overrides, dtype):
