@@ -170,6 +170,17 @@ def answered_axes(module) -> set[int]:
     return found
 
 
+def recombines(module) -> bool:
+    """``module`` answers multi-axis (M-RoPE) position_ids from a verified
+    recomposed form: its axes are mixed into one output, not kept apart."""
+    state = tables.state_of(module)
+    for table in list(state.tables.values()) if state else ():
+        for form in (table.mrope or {}).values() if table is not None else ():
+            if form is not None and form.verified and form.stacked is not None:
+                return True
+    return False
+
+
 # --------------------------------------------------------------------------
 # Calls
 

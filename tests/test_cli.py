@@ -85,7 +85,7 @@ def test_list_json_has_every_class_with_exactly_the_documented_keys(listing):
         # Every status but cached has a reason; a cached row explains only
         # why the probe could not confirm it.
         if row["status"] == "cached":
-            assert row["reason"] == "" or row["reason"].startswith(("not probed: ", "not instantiated: ")), row
+            assert row["reason"] == "" or row["reason"].startswith(("not probed: ", "not instantiated: ", "M-RoPE: ")), row
         else:
             assert row["reason"], row
     assert len({key(row) for row in listing}) == len(listing), "a class is listed twice"
@@ -137,6 +137,14 @@ def test_disable_variable_excludes_every_class(listing):
     assert [key(r) for r in rows] == [key(r) for r in listing]
     assert {r["status"] for r in rows} == {"excluded"}
     assert all("ROPE_PATCH_DISABLE" in r["reason"] for r in rows)
+
+
+def test_mrope_text_rotaries_are_listed_cached_with_a_note(listing):
+    rows = {r["class"]: r for r in listing if r["model_type"] in ("qwen2_vl", "qwen2_5_vl")}
+    for name in ("Qwen2VLRotaryEmbedding", "Qwen2_5_VLRotaryEmbedding"):
+        assert rows[name]["status"] == "cached", rows[name]
+        assert "M-RoPE" in rows[name]["reason"], rows[name]
+    assert "M-RoPE" not in next(r for r in listing if r["class"] == "LlamaRotaryEmbedding")["reason"]
 
 
 def test_unparseable_environment_excludes_every_class_naming_the_variable():

@@ -83,7 +83,7 @@ def _observe(row: patching.ClassStatus) -> patching.ClassStatus:
     classified cached: build it, call it once per layer type, read its state."""
     import torch
 
-    from rope_patch import catalog, tables
+    from rope_patch import catalog, mrope, tables
 
     if not rope_patch.is_patched():  # patch() declined: unsupported torch/transformers
         return dataclasses.replace(
@@ -97,16 +97,20 @@ def _observe(row: patching.ClassStatus) -> patching.ClassStatus:
     raised = None
     for layer_type in catalog.layer_types_of(instance):
         extra = () if layer_type is None else (layer_type,)
-        try:
-            with torch.no_grad():
-                instance(x, positions, *extra)
-        except Exception as error:  # noqa: BLE001 - the unpatched forward's own error (the patched one raises alike)
-            raised = raised or f"{type(error).__name__}: {error}"
+        for probe in (positions, positions.expand(catalog.MROPE_AXES, *positions.shape)):
+            try:
+                with torch.no_grad():
+                    instance(x, probe, *extra)
+            except Exception as error:  # noqa: BLE001 - the unpatched forward's own error (the patched one raises alike)
+                if probe is positions:
+                    raised = raised or f"{type(error).__name__}: {error}"
     state = tables.state_of(instance)
     if state is not None and state.fallback is not None:
         return dataclasses.replace(row, status=patching.FALLBACK, reason=state.fallback)
     built = state is not None and any(table is not None for table in state.tables.values())
     if built:
+        if mrope.recombines(instance) or (raised is not None and catalog.MROPE_AXES in mrope.answered_axes(instance)):
+            return dataclasses.replace(row, reason="M-RoPE: 3-D position_ids are answered from the tables too")
         return row
     if raised is not None:
         # The forward rejects these inputs (e.g. it needs 3-D multimodal
