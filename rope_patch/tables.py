@@ -107,8 +107,8 @@ class Table:
         self.single = container is None
         self.size = size
         self.verified = False
-        #: (cos, sin) once verified, when a call is exactly two plain gathers:
-        #: the forward's fast path (see rope_patch.forward).
+        #: (cos, sin) once verified, on CPU, when a call is exactly two plain
+        #: gathers: the forward's fast path (see rope_patch.forward).
         self.pair = None
         self.device = device
         self.bound_check = bound_check
@@ -137,7 +137,8 @@ class Table:
     def mark_verified(self) -> None:
         """The first real call matched: enable the fast path."""
         self.verified = True
-        if self.container is tuple and len(self.columns) == 2 and self.layouts is None and not self.bound_check:
+        # Accelerators keep going through answer(): bound check, graph capture.
+        if self.container is tuple and len(self.columns) == 2 and self.layouts is None and self.device.type == "cpu":
             self.pair = self.columns
 
     def is_current(self, module) -> bool:
@@ -169,8 +170,13 @@ class Table:
             return None
         if not self.is_current(module):
             return None
-        if self.bound_check and not self._in_bounds(position_ids):
-            return None
+        if self.device.type != "cpu":
+            # Never inside a CUDA graph being captured: it would hold on to
+            # this table's memory, which a rebuild frees (and a sync breaks it).
+            if _capturing(self.device):
+                return None
+            if self.bound_check and not self._in_bounds(position_ids):
+                return None
         return self.lookup(x, position_ids, module)
 
     def _in_bounds(self, position_ids) -> bool:
@@ -179,7 +185,7 @@ class Table:
         An out-of-range gather there is a device-side assert that poisons the
         process (vLLM #9965), so it must not be attempted.
         """
-        if position_ids.device != self.device or _capturing(self.device):
+        if position_ids.device != self.device:
             return False
         low, high = _stack(_aminmax(position_ids)).tolist()
         return 0 <= low and high < self.size
