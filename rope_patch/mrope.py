@@ -307,8 +307,7 @@ def _build_from_axes(module, original, x, extra, state, needed: int, axes: int):
                 f"output {index} has shape {tuple(tensor.shape)} on {tensor.device} for positions of shape "
                 f"{tuple(positions.shape)}"
             )
-    bound_check = device.type != "cpu" and state.presize is None
-    table = tables.Table(columns, container, size, module, device, bound_check, original, extra, reads.names)
+    table = tables.new_table(columns, container, size, module, x, state, original, extra, reads)
     table.mrope = Forms(planar=False)
     return table
 

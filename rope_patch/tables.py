@@ -507,10 +507,16 @@ def _build(module, original, x, extra, state: ModuleState, needed: int) -> Table
                 f"expected (batch, seq, dim) for position_ids of shape (1, {size})"
             )
     columns = [tensor[0].contiguous() for tensor in outputs]
-    bound_check = device.type != "cpu" and state.presize is None
-    table = Table(columns, container, size, module, device, bound_check, original, extra, reads.names)
+    table = new_table(columns, container, size, module, x, state, original, extra, reads)
     _probe(table, module, x)
     return table
+
+
+def new_table(columns, container, size, module, x, state: ModuleState, original, extra, reads) -> Table:
+    """A Table on x's device; accelerators check bounds unless sync-free
+    tables were pre-sized (the one place that rule is decided)."""
+    bound_check = x.device.type != "cpu" and state.presize is None
+    return Table(columns, container, size, module, x.device, bound_check, original, extra, reads.names)
 
 
 class _BufferReads(torch.overrides.TorchFunctionMode):
