@@ -5,8 +5,31 @@ Use ``import rope_patch.auto`` (patch everything, honouring the ROPE_PATCH_*
 environment variables) or the API below.
 """
 
+from rope_patch.info import CacheInfo, TableInfo
 from rope_patch.patching import ClassStatus, disabled, is_patched, patch, status, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassStatus", "__version__", "disabled", "is_patched", "patch", "status", "unpatch"]
+
+
+def cache_info(module) -> CacheInfo:
+    """The tables rope_patch holds for ``module`` (a rotary embedding
+    instance), their sizes and bytes, and why it is computed unpatched if it
+    is. A module that has not run a patched forward holds nothing."""
+    from rope_patch import tables  # imports torch: only when asked
+
+    return tables.cache_info(module)
+
+
+__all__ = [
+    "CacheInfo",
+    "ClassStatus",
+    "TableInfo",
+    "__version__",
+    "cache_info",
+    "disabled",
+    "is_patched",
+    "patch",
+    "status",
+    "unpatch",
+]

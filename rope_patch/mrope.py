@@ -159,6 +159,11 @@ def extra_bytes(table) -> int:
     return sum(form.nbytes() for form in table.mrope.values() if form is not None) if table.mrope else 0
 
 
+def answered_axes_of(table) -> set[int]:
+    """Axis counts ``table`` answers from a verified form."""
+    return {axes for axes, form in (table.mrope or {}).items() if form is not None and form.verified}
+
+
 def answered_axes(module) -> set[int]:
     """Axis counts whose calls ``module`` answers from a verified table (for
     tests and tools)."""

@@ -588,3 +588,28 @@ def _probe(table: Table, module, x) -> None:
 # mrope builds on this module (Table, table_for, _verify_first_use), so it is
 # imported last: either module can then be imported first.
 from rope_patch import mrope  # noqa: E402
+
+
+# --------------------------------------------------------------------------
+# Inspection
+
+
+def cache_info(module):
+    """What rope_patch holds for ``module``: see :class:`rope_patch.CacheInfo`."""
+    from rope_patch.info import CacheInfo, TableInfo
+
+    state = _states.get(id(module))
+    if state is None:
+        return CacheInfo(tables=(), fallback=None)
+    with state.lock:
+        items = list(state.tables.items())
+        fallback = state.fallback
+    rows = []
+    for (device, dtype, layer_type), table in items:
+        if table is None:
+            continue
+        forms = ("2-D",) if mrope.serves_planar(table) else ()
+        forms += tuple(f"{axes}-axis" for axes in sorted(mrope.answered_axes_of(table)))
+        nbytes = sum(c.numel() * c.element_size() for c in table.columns) + mrope.extra_bytes(table)
+        rows.append(TableInfo(device, dtype, layer_type, table.size, nbytes, table.verified, forms))
+    return CacheInfo(tables=tuple(rows), fallback=fallback)
