@@ -1,4 +1,5 @@
-"""The ``rope-patch`` command line: ``list``, ``info``, ``run``, ``bench``.
+"""The ``rope-patch`` command line: ``list``, ``info``, ``run``, ``bench``
+(also ``python -m rope_patch``).
 
 One module per command; each imports torch and model code only when it runs,
 so ``rope-patch --version``, ``info`` and ``run`` start without them.
@@ -27,7 +28,7 @@ def _print_version(ctx, param, value):
     expose_value=False,
     is_eager=True,
     callback=_print_version,
-    help="Show the versions of rope-patch, torch, transformers and wrapt, and exit.",
+    help="Print one line with the versions of rope-patch, torch, transformers and wrapt, and exit.",
 )
 def main():
     """rope_patch: every transformers rotary embedding answered from cached
