@@ -1,10 +1,11 @@
 """An ordinary generation script: it does not import rope_patch.
 
 Run it as is, then under ``rope-patch run`` (see run_any_script.sh), and
-compare the first line it prints.
+compare the first line it prints (from the repository root, after the
+README's set-up):
 
-    python examples/generate_script.py
-    rope-patch run -- python examples/generate_script.py
+    .venv/bin/python examples/generate_script.py
+    .venv/bin/rope-patch run -- .venv/bin/python examples/generate_script.py
 """
 
 import sys
