@@ -118,7 +118,8 @@ def main():
     print()
     print("1. the rotary forward alone, model.model.rotary_emb(x, position_ids): the call rope_patch answers")
     print(f"   from its tables (unpatched = inside rope_patch.disabled(); median of {CALL_ROUNDS} alternating blocks):")
-    for label, (unpatched_us, patched_us) in (("decode, 1 position", decode_us), ("prefill, 512 positions", prefill_us)):
+    rows = (("decode, 1 position", decode_us), ("prefill, 512 positions", prefill_us))
+    for label, (unpatched_us, patched_us) in rows:
         print(
             f"   {label:<23} unpatched {unpatched_us:7.1f} us/call   patched {patched_us:5.1f} us/call"
             f"   speed-up {unpatched_us / patched_us:5.2f}x"
