@@ -411,7 +411,7 @@ def forward_latency(
             forward did not end up answering from a verified table.
     """
     import rope_patch
-    from rope_patch import tables
+    from rope_patch import cache
     from rope_patch.forward import original_of
     from rope_patch.identity import difference
 
@@ -438,8 +438,8 @@ def forward_latency(
                 got = patched_fn(module, x, positions)
             problem = difference(expected, got)
             assert problem is None, f"{model_type} {shape} {dtype}: patched differs: {problem}"
-            table = tables.state_of(module).tables.get((x.device, dtype, None))  # cuda:0, not cuda
-            assert table is not None and table.verified, f"{model_type} {shape}: no verified table"
+            table = cache.state_of(module).tables.get((x.device, dtype, None))  # cuda:0, not cuda
+            assert table is not None and rope_patch.cache_info(module).answered, f"{model_type} {shape}: no table"
             floor = Floor(table.columns)
             assert difference(expected, floor(x, positions)) is None
             if call == "module":
@@ -531,7 +531,7 @@ def table_memory(
     Each measurement uses a fresh module: one prefill of ``used`` positions,
     then a decode step at the last position.
     """
-    from rope_patch import tables
+    import rope_patch
 
     device = torch.device(device)
     rows = []
@@ -553,7 +553,7 @@ def table_memory(
                             model_type=model_type,
                             dtype=dtype_name(dtype),
                             used=count,
-                            table_bytes=tables.table_bytes(module),
+                            table_bytes=rope_patch.cache_info(module).bytes,
                             used_bytes=count * width * element,
                             eager_bytes=max_positions * out[0].shape[-1] * 2 * 4,
                             max_position_embeddings=max_positions,

@@ -118,7 +118,7 @@ def floor_class(cls: type) -> type:
     rope_patch tables (two ``torch.embedding`` calls): a zero-overhead table
     implementation, for the ceiling of what caching can gain."""
     if cls not in _FLOOR_CLASSES:
-        from rope_patch import tables
+        from rope_patch import cache
 
         embedding = torch.embedding
         columns: dict[int, tuple] = {}
@@ -126,7 +126,7 @@ def floor_class(cls: type) -> type:
         def forward(self, x, position_ids):
             pair = columns.get(id(self))
             if pair is None:
-                pair = columns[id(self)] = tables.state_of(self).tables[(x.device, x.dtype, None)].columns
+                pair = columns[id(self)] = cache.state_of(self).tables[(x.device, x.dtype, None)].columns
             return embedding(pair[0], position_ids), embedding(pair[1], position_ids)
 
         _FLOOR_CLASSES[cls] = type(f"Floor{cls.__name__}", (cls,), {"forward": forward})

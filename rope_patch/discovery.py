@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -89,6 +90,24 @@ def modeling_module_names() -> list[str]:
                     ):
                         names.append(f"{MODELS_PACKAGE}.{model.name}.{entry.name[:-3]}")
     return sorted(names)
+
+
+_CLASS_LINE = re.compile(rf"^class\s+(\w*{ROTARY_SUFFIX})\b", re.MULTILINE)
+
+
+def declared_rotary_names(module_name: str) -> list[str]:
+    """The ``*RotaryEmbedding`` class names a modeling module's source
+    declares, read from its file without importing it (so that tools can
+    choose which modules to import). [] when the file cannot be read."""
+    root = models_dir()
+    parts = module_name.split(".")
+    if root is None or len(parts) != 4:
+        return []
+    try:
+        with open(os.path.join(root, parts[2], parts[3] + ".py"), encoding="utf-8") as source:
+            return _CLASS_LINE.findall(source.read())
+    except OSError:
+        return []
 
 
 def model_type_of(module_name: str) -> str:

@@ -2,37 +2,24 @@
 (a wrapt FunctionWrapper as ``forward`` breaks ``fullgraph=True`` with a guard
 error); ``functools.wraps`` keeps the original on ``__wrapped__``.
 
-The fast path is a handful of attribute checks and one gather per output;
-everything else goes to :func:`rope_patch.tables.slow_call`.
+The fast path finds the module's table for the call's (device, dtype,
+layer_type) and asks :func:`rope_patch.cache.rule.answering_form` whether it
+may answer; everything else goes to :func:`rope_patch.cache.call`.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 
-from rope_patch import tables
+from rope_patch.cache import call as slow_call
+from rope_patch.cache import rule, states
 
 _Tensor = torch.Tensor
-# Dynamo replaces is_dynamo_compiling() by True while tracing; otherwise it is
-# a bare ``return False`` (is_compiling() also asks jit.is_scripting()). Fake
-# and functional tensors (export, make_fx) fail the exact-type checks below
-# and reach the original anyway.
-_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
-_states = tables._states  # the dict itself: one lookup per call, no attribute hop
-_embedding = torch.embedding
+_steps_aside = rule.steps_aside
+_answering_form = rule.answering_form
 _MISSING = object()
-
-
-class _Local(threading.local):
-    """Per-thread switch set by :func:`rope_patch.disabled`."""
-
-    disabled = 0
-
-
-local = _Local()
 
 #: Marks functions installed by rope_patch (and finds their original).
 MARKER = "__rope_patch_original__"
@@ -50,21 +37,24 @@ def make_forward(original, takes_layer_type: bool):
         ``original``.
     """
 
+    retired = []  # non-empty once unpatch() left us beneath another wrapper
+
     @functools.wraps(original)
     def forward(self, x, position_ids, *args, **kwargs):
-        # While dynamo traces, or a subclass overrides forward and calls us
-        # through super(), or the user disabled us: be the original exactly.
+        # Be the original exactly while a tracer or transform runs (rule.py),
+        # for inputs that are not plain tensors, for a subclass whose own
+        # forward calls us through super(), and once retired.
         if (
-            _is_compiling()
-            or local.disabled
-            or (type(self).forward is not forward and not _wraps(type(self).forward, forward))
+            _steps_aside()
+            or retired
             or type(position_ids) is not _Tensor
             or type(x) is not _Tensor
+            or (type(self).forward is not forward and not _wraps(type(self).forward, forward))
         ):
             return original(self, x, position_ids, *args, **kwargs)
         if takes_layer_type and len(args) + len(kwargs) == 1:
-            layer_type = args[0] if args else kwargs.get("layer_type", forward)
-            if layer_type is forward:  # an unknown keyword: let the original complain
+            layer_type = args[0] if args else kwargs.get("layer_type", _MISSING)
+            if layer_type is _MISSING:  # an unknown keyword: let the original complain
                 return original(self, x, position_ids, *args, **kwargs)
             extra = (layer_type,)
         elif args or kwargs:
@@ -72,33 +62,29 @@ def make_forward(original, takes_layer_type: bool):
         else:
             layer_type = None
             extra = ()
-        state = _states.get(id(self))
+        state = states.get(id(self))
         if state is not None:
-            key = (x.device, x.dtype, layer_type)
-            table = state.tables.get(key, _MISSING)
-            if table is _MISSING:
-                if state.fallback is not None:  # this module is never cached
-                    return original(self, x, position_ids, *extra)
-            elif table is None:  # position-dependent rope type: always unpatched
+            table = state.tables.get((x.device, x.dtype, layer_type))
+            if table is not None:
+                form = _answering_form(table, x, position_ids)
+                if form is not None:
+                    try:
+                        return form.lookup(self, x, position_ids)
+                    except (IndexError, RuntimeError):
+                        pass  # outside the table on CPU: the slow path grows it
+            elif state.fallback is not None:  # this module is never cached
                 return original(self, x, position_ids, *extra)
-            else:
-                pair = table.pair
-                try:
-                    if pair is None:
-                        out = table.answer(self, x, position_ids)
-                        if out is not None:
-                            return out
-                    elif position_ids.dim() == 2 and position_ids.numel() and table.is_current(self):
-                        # The common case (CPU, a (cos, sin) pair): two gathers.
-                        # Out-of-range positions raise IndexError here, and
-                        # non-index dtypes RuntimeError: both take the slow path.
-                        return _embedding(pair[0], position_ids), _embedding(pair[1], position_ids)
-                except (IndexError, RuntimeError):
-                    pass
-        return tables.slow_call(self, original, x, position_ids, layer_type, extra)
+        return slow_call(self, original, x, position_ids, layer_type, extra)
 
     setattr(forward, MARKER, original)
+    forward.__rope_patch_retired__ = retired
     return forward
+
+
+def retire(function) -> None:
+    """Make a rope_patch forward run its original from now on (unpatch()
+    could not remove it from beneath another wrapper)."""
+    function.__rope_patch_retired__.append(True)
 
 
 def _wraps(outer, target, depth: int = 8) -> bool:

@@ -15,9 +15,10 @@ class TableInfo:
         layer_type: the ``layer_type`` argument it answers (None for forwards without one).
         positions: positions covered, ``0 .. positions - 1``.
         bytes: memory held, every form included.
-        verified: its first real call was compared with the unpatched forward
-            and matched; only verified tables answer calls.
-        forms: the position_ids layouts it answers (``"2-D"``, ``"3-axis"``).
+        forms: the position_ids layouts it answers, each verified against the
+            unpatched forward on its first real call: ``"2-D"`` (batch, seq),
+            ``"3-D"`` (axes, batch, seq) with the axes kept apart, ``"M-RoPE"``
+            (axes, batch, seq) recomposed or as the model's only form.
     """
 
     device: object
@@ -25,8 +26,12 @@ class TableInfo:
     layer_type: str | None
     positions: int
     bytes: int
-    verified: bool
     forms: tuple[str, ...]
+
+    @property
+    def verified(self) -> bool:
+        """Some call was answered from this table."""
+        return bool(self.forms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +41,13 @@ class CacheInfo:
     Attributes:
         tables: every table held, one per (device, dtype, layer_type).
         fallback: why the module is computed unpatched for good, or None.
+        unpatched: why some calls are computed unpatched while others may be
+            answered (a rope type computed per call for one layer type, say).
     """
 
     tables: tuple[TableInfo, ...]
     fallback: str | None
+    unpatched: tuple[str, ...] = ()
 
     @property
     def answered(self) -> bool:

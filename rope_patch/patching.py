@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import threading
 
@@ -20,74 +21,39 @@ import wrapt
 
 from rope_patch import discovery, versions
 from rope_patch import settings as settings_module
+from rope_patch.status import ClassStatus, Status, classify
 
 logger = logging.getLogger(__name__)
-
-CACHED = "cached"
-FALLBACK = "fallback"
-EXCLUDED = "excluded"
-UNSUPPORTED = "unsupported"
 
 _MISSING = object()
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassStatus:
-    """What rope_patch does with one rotary class.
-
-    Attributes:
-        rotary: the class and its static description.
-        status: CACHED, FALLBACK, EXCLUDED or UNSUPPORTED.
-        reason: a short human explanation ("" for plain cached classes).
-    """
-
-    rotary: discovery.RotaryClass
-    status: str
-    reason: str
-
-    def as_dict(self) -> dict[str, str]:
-        """The ``rope-patch list --json`` row."""
-        return {
-            "model_type": self.rotary.model_type,
-            "module": self.rotary.module,
-            "class": self.rotary.name,
-            "status": self.status,
-            "reason": self.reason,
-        }
-
-
-def classify(rotary: discovery.RotaryClass, settings: settings_module.Settings) -> ClassStatus:
-    """Decide, statically, what patching does with ``rotary`` under ``settings``.
-
-    A class classified CACHED can still fall back at run time (probe mismatch,
-    a dynamic rope type in the instance's config); :func:`status` reports that.
-    """
-    if settings.disabled:
-        why = settings.problem or f"{settings_module.DISABLE} is set"
-        return ClassStatus(rotary, EXCLUDED, why)
-    if settings.excludes(rotary.model_type, rotary.name):
-        return ClassStatus(rotary, EXCLUDED, f"excluded by {settings_module.EXCLUDE} or patch(exclude=...)")
-    if rotary.unsupported:
-        return ClassStatus(rotary, UNSUPPORTED, rotary.unsupported)
-    return ClassStatus(rotary, CACHED, "")
-
-
 class _Registry:
-    """Process-wide patch state, guarded by ``lock``."""
+    """Process-wide patch state, guarded by ``lock``. The settings in effect
+    are ``rope_patch.settings.active`` (None: not patched)."""
 
     lock = threading.RLock()
-    settings: settings_module.Settings | None = None  # None: not patched
-    #: class -> its ``__dict__["forward"]`` before we touched it (_MISSING if none)
-    installed: dict[type, object] = {}
+    #: class -> (its ``__dict__["forward"]`` before we touched it or
+    #: _MISSING, the function we installed)
+    installed: dict[type, tuple[object, object]] = {}
     #: class -> ClassStatus, for every class a hook has seen while patched
     seen: dict[type, ClassStatus] = {}
     #: module names with a wrapt hook registered (hooks cannot be removed)
     hooked: set[str] = set()
 
 
+def _fresh_lock_in_child() -> None:
+    """A fork while another thread patched would leave the child's lock held."""
+    _Registry.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def is_patched() -> bool:
     """Whether ``patch()`` is in effect."""
-    return _Registry.settings is not None
+    return settings_module.active is not None
 
 
 def patch(
@@ -129,7 +95,7 @@ def patch(
             settings = settings.replace(sync_free=bool(sync_free))
         if max_positions is not None:
             settings = settings.replace(max_positions=int(max_positions))
-        _Registry.settings = settings_module.active = settings
+        settings_module.active = settings
         names = discovery.modeling_module_names()
     for name in names:
         module = sys.modules.get(name)
@@ -142,7 +108,9 @@ def patch(
 
 
 def unpatch() -> bool:
-    """Restore every forward to its original function object.
+    """Restore every forward to its original function object. A wrapt
+    wrapper applied on top of rope_patch's forward stays, with the original
+    put back beneath it.
 
     Returns:
         True if something was unpatched; False (with a warning) if not patched.
@@ -151,41 +119,96 @@ def unpatch() -> bool:
         if not is_patched():
             logger.warning("rope_patch: not patched; unpatch() ignored")
             return False
-        for cls, previous in _Registry.installed.items():
-            if previous is _MISSING:
-                delattr(cls, "forward")
-            else:
-                setattr(cls, "forward", previous)
+        for cls, (previous, ours) in _Registry.installed.items():
+            _uninstall(cls, previous, ours)
         _Registry.installed.clear()
         _Registry.seen.clear()
-        _Registry.settings = settings_module.active = None
-        if "rope_patch.tables" in sys.modules:  # else no table was ever built
-            sys.modules["rope_patch.tables"].forget_all()
+        settings_module.active = None
+        if "rope_patch.cache" in sys.modules:  # else no table was ever built
+            sys.modules["rope_patch.cache"].forget_all()
     return True
+
+
+def _uninstall(cls: type, previous, ours) -> None:
+    """Put ``previous`` back as ``cls.forward``; when another wrapper was
+    applied on top of ``ours`` since, rewire it onto the original instead."""
+    from rope_patch import forward
+
+    current = cls.__dict__.get("forward", _MISSING)
+    if current is ours or current is _MISSING:
+        if previous is _MISSING:
+            if current is not _MISSING:
+                delattr(cls, "forward")
+        else:
+            setattr(cls, "forward", previous)
+        return
+    link = current
+    for _ in range(8):  # find the wrapper whose __wrapped__ is ours
+        inner = getattr(link, "__wrapped__", None)
+        if inner is None:
+            break
+        if inner is ours:
+            try:
+                link.__wrapped__ = forward.original_of(ours)
+                return
+            except (AttributeError, TypeError):
+                break
+        link = inner
+    # A wrapper we cannot rewire (a plain decorator) keeps calling ours:
+    # retired, ours now runs the original on every call.
+    forward.retire(ours)
+    logger.warning(
+        "rope_patch: %s.forward was wrapped after rope_patch by something that cannot be rewired; "
+        "it stays, and calls the original through rope_patch's retired forward",
+        cls.__name__,
+    )
 
 
 @contextlib.contextmanager
 def disabled():
     """Within this block, in this thread, every rotary forward runs unpatched."""
-    from rope_patch import forward  # imports torch: only when used
+    from rope_patch.cache.rule import local  # imports torch: only when used
 
-    forward.local.disabled += 1
+    local.disabled += 1
     try:
         yield
     finally:
-        forward.local.disabled -= 1
+        local.disabled -= 1
 
 
 def status() -> list[ClassStatus]:
     """What patching did with every class seen so far, run-time fallbacks included."""
     with _Registry.lock:
         rows = list(_Registry.seen.values())
-    fallbacks = sys.modules["rope_patch.tables"].observed_fallbacks if "rope_patch.tables" in sys.modules else {}
+    fallbacks = sys.modules["rope_patch.cache"].fallback_reasons() if "rope_patch.cache" in sys.modules else {}
     out = []
     for row in rows:
         reason = fallbacks.get(row.rotary.cls)
-        out.append(dataclasses.replace(row, status=FALLBACK, reason=reason) if reason and row.status == CACHED else row)
+        fell_back = reason and row.status == Status.CACHED
+        out.append(dataclasses.replace(row, status=Status.FALLBACK, reason=reason) if fell_back else row)
     return sorted(out, key=lambda r: (r.rotary.module, r.rotary.name))
+
+
+def patch_class(cls: type) -> ClassStatus:
+    """Patch one rotary class that patching does not find by itself (a
+    subclass defined by your code, a model loaded from elsewhere), under the
+    settings in effect. Idempotent.
+
+    Args:
+        cls: an ``nn.Module`` subclass with a rotary forward.
+
+    Returns:
+        What patching does with it.
+
+    Raises:
+        RuntimeError: patching is not active (call ``patch()`` first).
+    """
+    with _Registry.lock:
+        settings = settings_module.active
+        if settings is None:
+            raise RuntimeError("rope_patch is not patched: call rope_patch.patch() first")
+        _apply(discovery.describe(cls), settings)
+        return _Registry.seen[cls]
 
 
 def _on_import(module) -> None:
@@ -195,7 +218,7 @@ def _on_import(module) -> None:
     """
     try:
         with _Registry.lock:
-            settings = _Registry.settings
+            settings = settings_module.active
             if settings is None:
                 return
             for rotary in discovery.rotary_classes(module):
@@ -214,7 +237,7 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
     decision = classify(rotary, settings)
     resolved = getattr(cls, "forward", None)
     original = forward.original_of(resolved) or resolved
-    if decision.status == CACHED:
+    if decision.status == Status.CACHED:
         if forward.original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
             _install(cls, forward.make_forward(original, rotary.takes_layer_type))
@@ -226,7 +249,8 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
 
 
 def _install(cls: type, function) -> None:
-    _Registry.installed.setdefault(cls, cls.__dict__.get("forward", _MISSING))
+    previous = _Registry.installed.get(cls, (cls.__dict__.get("forward", _MISSING), None))[0]
+    _Registry.installed[cls] = (previous, function)
     setattr(cls, "forward", function)
 
 

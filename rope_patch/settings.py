@@ -9,6 +9,7 @@ to :func:`rope_patch.patch`.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 #: ``1``/``true``/``yes``/``on`` makes ``import rope_patch.auto`` patch nothing.
 DISABLE = "ROPE_PATCH_DISABLE"
 #: Comma-separated model types or class names (case-insensitive) to leave
-#: untouched; ``*`` means every class.
+#: untouched; each may be a glob (``qwen3*``); ``*`` means every class.
 EXCLUDE = "ROPE_PATCH_EXCLUDE"
 #: ``1`` turns on the sync-free mode on accelerators: tables are pre-sized to
 #: the model's max_position_embeddings and positions are not bound-checked.
@@ -30,7 +31,7 @@ MAX_POSITIONS = "ROPE_PATCH_MAX_POSITIONS"
 #: Every variable with a one-line meaning, for the CLI's ``info`` and the README.
 VARIABLES: Mapping[str, str] = {
     DISABLE: "1 disables rope_patch.auto entirely (nothing is patched)",
-    EXCLUDE: "comma list of model types or class names to leave unpatched; * for all",
+    EXCLUDE: "comma list of model types or class names (globs such as qwen3*) to leave unpatched; * for all",
     SYNC_FREE: "1 pre-sizes tables to max_position_embeddings and skips the bound check "
     "on accelerators (no host sync; you guarantee positions are in range)",
     MAX_POSITIONS: "largest table size in positions; larger positions are computed unpatched",
@@ -39,6 +40,8 @@ VARIABLES: Mapping[str, str] = {
 DEFAULT_MIN_CAP = 65536
 
 _TRUE = {"1", "true", "yes", "on"}
+#: Characters a name or glob may hold besides letters and digits.
+_NAME_PUNCTUATION = str.maketrans("", "", "_-.*?[]!")
 _FALSE = {"", "0", "false", "no", "off"}
 
 
@@ -52,8 +55,8 @@ class Settings:
 
     Attributes:
         disabled: patch nothing at all.
-        exclude: lower-cased model types / class names to leave untouched;
-            ``"*"`` in it means everything.
+        exclude: lower-cased model types / class names to leave untouched,
+            each an exact name or a glob (see :func:`name_matches`).
         sync_free: on accelerators, pre-size tables and skip the bound check.
         max_positions: table size cap in positions, or None for the default.
         problem: why the environment could not be used (then ``disabled``).
@@ -67,7 +70,7 @@ class Settings:
 
     def excludes(self, model_type: str, class_name: str) -> bool:
         """Whether the class ``class_name`` of ``model_type`` is excluded."""
-        return bool(self.exclude & {"*", model_type.lower(), class_name.lower()})
+        return any(name_matches(pattern, model_type, class_name) for pattern in self.exclude)
 
     def replace(self, **changes) -> Settings:
         """A copy with ``changes`` applied."""
@@ -76,6 +79,21 @@ class Settings:
 
 #: The settings of the patch in effect (set by ``rope_patch.patch()``), or None.
 active: Settings | None = None
+
+
+_GLOB_CHARACTERS = "*?["
+
+
+def name_matches(pattern: str, model_type: str, class_name: str) -> bool:
+    """Whether ``pattern`` names the model type or the class: an exact name
+    (case-insensitive), or a glob with ``*``, ``?`` or ``[...]`` (``qwen3*``
+    matches qwen3, qwen3_moe and Qwen3RotaryEmbedding). The one matching
+    rule of ROPE_PATCH_EXCLUDE, ``patch(exclude=...)`` and ``rope-patch list``."""
+    wanted = pattern.lower()
+    names = (model_type.lower(), class_name.lower())
+    if any(character in wanted for character in _GLOB_CHARACTERS):
+        return any(fnmatch.fnmatchcase(name, wanted) for name in names)
+    return wanted in names
 
 
 def parse_flag(name: str, value: str) -> bool:
@@ -96,8 +114,8 @@ def parse_names(name: str, value: str | Iterable[str]) -> frozenset[str]:
         item = item.strip()
         if not item:
             continue
-        if item != "*" and not item.replace("_", "").replace("-", "").isalnum():
-            raise SettingsError(f"{name}: {item!r} is not a model type or class name")
+        if not item.translate(_NAME_PUNCTUATION).isalnum() and item.strip(_GLOB_CHARACTERS + "]"):
+            raise SettingsError(f"{name}: {item!r} is not a model type, class name or glob")
         names.add(item.lower())
     return frozenset(names)
 

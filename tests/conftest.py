@@ -75,22 +75,46 @@ def cpu_threads():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the contract test's coverage: cached (M-RoPE classes included,
-    counted by test_contract's rule) / total, why the others are not, and
-    notes on cached ones (a repaired config)."""
+    """Print the contract test's coverage, when it ran: cached (M-RoPE
+    classes included) / total, why the others are not, and notes on cached
+    ones (a repaired config)."""
     import sys
 
     contract = sys.modules.get("tests.test_contract")
-    outcomes = getattr(contract, "OUTCOMES", None)
-    if not outcomes:
+    if contract is None or not contract.contract_outcome.cache_info().currsize:
         return
+    outcomes = [contract.contract_outcome(rotary) for rotary in contract.CATALOG]
     counts = {}
-    for status, _ in outcomes.values():
-        counts[status] = counts.get(status, 0) + 1
+    for result in outcomes:
+        key = f"{result.status}{' (M-RoPE)' if result.mrope and result.status == 'cached' else ''}"
+        counts[key] = counts.get(key, 0) + 1
     write = terminalreporter.write_line
     write("")
-    cached = sum(n for status, n in counts.items() if status.startswith("cached"))
-    write(f"rope_patch contract coverage: {cached} cached / {len(outcomes)} classes checked ({counts})")
-    for name, (status, reason) in sorted(outcomes.items()):
-        if not status.startswith("cached") or reason:
-            write(f"  {status:15} {name}: {reason}")
+    cached = sum(n for key, n in counts.items() if key.startswith("cached"))
+    write(f"rope_patch contract coverage: {cached} cached / {len(outcomes)} classes ({counts})")
+    for result in sorted(outcomes, key=lambda r: (r.rotary.module, r.rotary.name)):
+        if result.status != "cached" or result.repair:
+            write(f"  {result.status!s:12} {result.rotary.module}.{result.rotary.name}: {result.reason}")
+
+
+def table_info(module, dtype=torch.float32, layer_type=None, device="cpu"):
+    """The TableInfo of ``module`` for one (device, dtype, layer_type), or None."""
+    for table in rope_patch.cache_info(module).tables:
+        if (table.device, table.dtype, table.layer_type) == (torch.device(device), dtype, layer_type):
+            return table
+    return None
+
+
+def held_bytes(module) -> int:
+    """Bytes of every table ``module`` holds."""
+    return rope_patch.cache_info(module).bytes
+
+
+def answered(module) -> bool:
+    """Some call of ``module`` was answered from a verified table."""
+    return rope_patch.cache_info(module).answered
+
+
+def answered_forms(module) -> set[str]:
+    """The position layouts ``module`` answered from tables ("2-D", "3-D", "M-RoPE")."""
+    return {form for table in rope_patch.cache_info(module).tables for form in table.forms}

@@ -10,7 +10,7 @@ import torch
 
 import rope_patch
 from rope_patch.forward import original_of
-from tests.conftest import assert_identical, unpatched
+from tests.conftest import assert_identical, held_bytes, unpatched
 from tests.models import llama_rotary
 
 
@@ -65,14 +65,12 @@ def test_disabled_runs_the_original(patched):
     module = llama_rotary()
     x, pos = torch.randn(1, 4, 64), torch.arange(4)[None]
     module(x, pos)
-    from rope_patch import tables
-
-    bytes_before = tables.table_bytes(module)
+    bytes_before = held_bytes(module)
     with rope_patch.disabled():
         with rope_patch.disabled():  # nests
             module(x, torch.arange(4000)[None])
         module(x, torch.arange(4000)[None])
-    assert tables.table_bytes(module) == bytes_before  # no table grew
+    assert held_bytes(module) == bytes_before  # no table grew
     module(x, pos)
 
 
@@ -100,18 +98,14 @@ def test_subclass_overriding_forward_via_super_gets_its_own_semantics(patched):
     with rope_patch.disabled():
         reference = module(x, pos)
     assert_identical(reference, module(x, pos))
-    from rope_patch import tables
-
-    assert tables.state_of(module) is None  # super() call went straight through
+    assert rope_patch.cache_info(module).tables == ()  # super() call went straight through
 
 
 def test_excluded_subclass_of_a_patched_class_is_pinned_to_the_original():
-    from rope_patch import discovery, patching
-
     assert rope_patch.patch(exclude="SyntheticChildRotaryEmbedding")
     cls = _llama_class()
     child = type("SyntheticChildRotaryEmbedding", (cls,), {"__module__": cls.__module__})
-    patching._apply(discovery.describe(child), patching._Registry.settings)
+    assert rope_patch.patch_class(child).status == "excluded"
     assert child.__dict__["forward"] is original_of(cls.__dict__["forward"])
     rope_patch.unpatch()
     assert "forward" not in child.__dict__
@@ -156,12 +150,12 @@ def test_status_reports_cached_classes(patched):
 def test_deleted_module_frees_its_tables(patched):
     import gc
 
-    from rope_patch import tables
+    from rope_patch import cache
 
     module = llama_rotary()
     module(torch.randn(1, 4, 64), torch.arange(4)[None])
     key = id(module)
-    assert key in tables._states
+    assert key in cache.states
     del module
     gc.collect()
-    assert key not in tables._states
+    assert key not in cache.states

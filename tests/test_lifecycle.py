@@ -10,7 +10,8 @@ import torch
 import transformers
 
 import rope_patch
-from rope_patch import tables
+from rope_patch import cache
+from rope_patch.cache.table import MIN_TABLE
 from tests.conftest import assert_identical
 from tests.models import TINY, llama_config
 
@@ -62,8 +63,8 @@ def test_two_models_of_one_class_with_different_configs(patched):
     for _ in range(2):
         for model in (short, long):
             assert_identical(reference_logits(model, ids), logits(model, ids))
-    short_table = tables.state_of(short.model.rotary_emb).tables
-    long_table = tables.state_of(long.model.rotary_emb).tables
+    short_table = cache.state_of(short.model.rotary_emb).tables
+    long_table = cache.state_of(long.model.rotary_emb).tables
     assert short_table is not long_table
 
 
@@ -79,11 +80,11 @@ def test_thousands_of_growing_forwards_keep_memory_bounded_and_free_it(patched):
         if position % 1000 == 0:
             with rope_patch.disabled():
                 assert_identical(rotary(x, positions), out)
-        assert tables.table_bytes(rotary) <= max(2 * (position + 1), tables.MIN_TABLE) * row_bytes
+        assert rope_patch.cache_info(rotary).bytes <= max(2 * (position + 1), MIN_TABLE) * row_bytes
     key = id(rotary)
     del rotary, out
     gc.collect()
-    assert key not in tables._states
+    assert key not in cache.states
 
 
 def test_from_pretrained_with_dtype(patched, tmp_path):

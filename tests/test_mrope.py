@@ -1,4 +1,4 @@
-"""Multimodal RoPE (rope_patch.mrope): 3-D position_ids (temporal, height,
+"""Multimodal RoPE (rope_patch.cache.forms.axes): 3-D position_ids (temporal, height,
 width) answered from the 1-D tables, bit-identical to the unpatched forward
 for text-only, image-grid and decode positions, batch > 1 with different
 rope_deltas, fp32/bf16/fp16, int32/int64; growth, the cap and odd inputs;
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import rope_patch
-from rope_patch import discovery, mrope, patching, tables
-from tests.conftest import assert_identical, assert_same_outcome, unpatched
+from rope_patch.cache.table import MIN_TABLE
+from tests.conftest import answered_forms, assert_identical, assert_same_outcome, held_bytes, unpatched
 from tests.models import image_prompt_positions, transformers_major
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,7 +93,7 @@ def test_3d_positions_are_answered_from_tables_bit_identically(family, dtype, pa
         for _ in range(2):  # first use (verified), then from the table
             actual = module(x, positions)
             assert rope_patch.identity.difference(expected, actual) is None, name
-    assert 3 in mrope.answered_axes(module)
+    assert "M-RoPE" in answered_forms(module)
     positions = mrope_cases()["image grids batch 3x2x15"] + 7
     x = torch.randn(2, 15, 8).to(dtype)
     expected = unpatched(module, x, positions)
@@ -114,13 +114,13 @@ def test_one_table_serves_2d_and_3d_calls_where_the_forward_takes_both(family, p
         module(x, planar[None].expand(3, -1, -1))  # a table built from 3-axis positions
         with pytest.raises(type(error)):
             module(x, planar)
-        (table,) = tables.state_of(module).tables.values()
-        assert not mrope.serves_planar(table)
+        (table,) = rope_patch.cache_info(module).tables
+        assert table.forms == ("M-RoPE",)  # no 2-D form: the table was built from 3-axis positions
         return
     for positions in (planar, planar[None].expand(3, -1, -1), planar):
         assert_identical(unpatched(module, x, positions), module(x, positions))
-    (table,) = tables.state_of(module).tables.values()
-    assert table.verified and mrope.serves_planar(table) and 3 in mrope.answered_axes(module)
+    (table,) = rope_patch.cache_info(module).tables
+    assert set(table.forms) == {"2-D", "M-RoPE"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -131,7 +131,7 @@ def test_other_axis_counts_match_the_unpatched_result_or_exception(family, patch
     for axes in (1, 2, 4):
         positions = torch.randint(0, 100, (axes, 2, 5), generator=torch.Generator().manual_seed(axes))
         assert_same_outcome(module, x, positions)
-    assert tables.state_of(module).fallback is None
+    assert rope_patch.cache_info(module).fallback is None
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -142,9 +142,9 @@ def test_positions_beyond_the_table_grow_it(family, patched):
         positions = torch.tensor([position, position // 2, position // 3]).view(3, 1, 1)
         for _ in range(2):
             assert_identical(unpatched(module, x, positions), module(x, positions))
-        (table,) = tables.state_of(module).tables.values()
-        assert position < table.size <= max(2 * (position + 1), tables.MIN_TABLE)
-    assert 3 in mrope.answered_axes(module)
+        (table,) = rope_patch.cache_info(module).tables
+        assert position < table.positions <= max(2 * (position + 1), MIN_TABLE)
+    assert "M-RoPE" in answered_forms(module)
 
 
 @pytest.mark.parametrize(
@@ -174,8 +174,8 @@ def test_positions_beyond_the_cap_take_the_unpatched_path():
     beyond = torch.tensor([[[0, 50, 99]], [[0, 100, 99]], [[0, 50, 99]]])
     for positions in (inside, beyond, inside):
         assert_identical(unpatched(module, x, positions), module(x, positions))
-    (table,) = tables.state_of(module).tables.values()
-    assert table.size == 100
+    (table,) = rope_patch.cache_info(module).tables
+    assert table.positions == 100
 
 
 def test_negative_zero_survives_the_axis_gather(patched):
@@ -189,17 +189,22 @@ def test_negative_zero_survives_the_axis_gather(patched):
     assert (expected[1] == 0).any() and torch.signbit(expected[1][expected[1] == 0]).all()
     for _ in range(2):
         assert_identical(expected, module(x, positions))
-    assert 3 in mrope.answered_axes(module)
+    assert "M-RoPE" in answered_forms(module)
 
 
-def test_table_bytes_count_the_stacked_axis_rows(patched):
-    module = mrope_rotary("qwen3_vl")
-    x = torch.randn(1, 4, 8)
-    module(x, torch.arange(4)[None])
-    planar_bytes = tables.table_bytes(module)
-    for _ in range(2):
-        module(x, torch.arange(4).expand(3, 1, -1))
-    assert tables.table_bytes(module) == 4 * planar_bytes  # the columns, and one row per axis
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_3d_calls_hold_at_most_twice_the_bytes_of_the_positions_used(family, patched):
+    """The 3-D form gathers from the table's own columns: beyond them it
+    holds one axis index per column (issue 9: M-RoPE held 4x-8x)."""
+    module = mrope_rotary(family, max_position_embeddings=1 << 16)
+    row_bytes = 2 * 32 * 4  # cos + sin, head_dim 32, fp32
+    for used in (1, 64, 65, 1000, 4097):
+        positions = torch.tensor([used - 1, (used - 1) // 2, 0]).view(3, 1, 1)
+        x = torch.randn(1, 1, 8)
+        for _ in range(2):
+            assert_identical(unpatched(module, x, positions), module(x, positions))
+        assert "M-RoPE" in answered_forms(module)
+        assert held_bytes(module) <= max(2 * used, MIN_TABLE) * row_bytes + 32 * 8
 
 
 # --------------------------------------------------------------------------
@@ -240,7 +245,7 @@ class MixingRotary(SelectingRotary):
 
 
 def install(cls):
-    patching._apply(discovery.describe(cls), patching._Registry.settings)
+    rope_patch.patch_class(cls)
 
 
 @pytest.mark.parametrize("zero_frequency", [False, True], ids=["", "zero-frequency"])
@@ -263,7 +268,7 @@ def test_a_selecting_rotary_is_learnt_from_its_behaviour(dtype, zero_frequency, 
             for _ in range(2):
                 assert_identical(unpatched(module, x, positions), module(x, positions))
     assert not caplog.records
-    assert 4 in mrope.answered_axes(module)
+    assert "M-RoPE" in answered_forms(module)
 
 
 def test_a_recomposition_that_mixes_axes_falls_back_with_one_warning(patched, caplog):
@@ -284,9 +289,10 @@ def test_a_recomposition_that_mixes_axes_falls_back_with_one_warning(patched, ca
     warnings = [r for r in caplog.records if "MixingRotary" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert "mixes axes" in warnings[0].getMessage()
-    state = tables.state_of(module)
-    assert state.fallback and not state.tables
-    assert tables.observed_fallbacks[MixingRotary] == state.fallback
+    info = rope_patch.cache_info(module)
+    assert info.fallback and not info.tables
+    rows = {row.rotary.cls: row for row in rope_patch.status()}
+    assert rows[MixingRotary].status == "fallback" and rows[MixingRotary].reason == info.fallback
 
 
 # --------------------------------------------------------------------------
@@ -367,5 +373,5 @@ def test_greedy_generate_with_an_image_is_identical(dtype):
     reference = greedy()
     assert rope_patch.patch()  # unpatched again by conftest's autouse fixture
     assert_identical(reference, greedy())
-    text_rotaries = [m for m in model.modules() if 3 in mrope.answered_axes(m)]
+    text_rotaries = [m for m in model.modules() if "M-RoPE" in answered_forms(m)]
     assert len(text_rotaries) == 1 and type(text_rotaries[0]).__name__ == "Qwen2VLRotaryEmbedding"

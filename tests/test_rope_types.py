@@ -4,8 +4,8 @@ longrope keep their per-call semantics (computed unpatched)."""
 import pytest
 import torch
 
-from rope_patch import tables
-from tests.conftest import assert_identical, unpatched
+import rope_patch
+from tests.conftest import answered, assert_identical, unpatched
 from tests.models import llama_rotary, transformers_major
 
 STATIC = {
@@ -56,9 +56,7 @@ def check_all_patterns(module, expect_cached):
             reference = unpatched(module, x, positions)
             for _ in range(2):  # first use (verified) and table hit
                 assert_identical(reference, module(x, positions))
-    state = tables.state_of(module)
-    has_tables = state is not None and any(t is not None for t in state.tables.values())
-    assert has_tables == expect_cached
+    assert answered(module) == expect_cached
 
 
 @pytest.mark.parametrize("rope_type", available_static_types())
@@ -80,8 +78,8 @@ def test_dynamic_ntk_is_computed_per_call(patched):
         reference = unpatched(reference_module, x, positions)
         assert_identical(reference, module(x, positions))
         assert torch.equal(reference_module.inv_freq, module.inv_freq)  # same side effect
-    state = tables.state_of(module)
-    assert all(table is None for table in state.tables.values())
+    info = rope_patch.cache_info(module)
+    assert not info.tables and info.unpatched
 
 
 def test_longrope_switches_frequency_sets_like_the_original(patched):

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import rope_patch
-from rope_patch import tables
-from tests.conftest import assert_identical, assert_same_outcome, unpatched
+from rope_patch import cache
+from rope_patch.cache.table import MIN_TABLE
+from tests.conftest import assert_identical, assert_same_outcome, held_bytes, table_info, unpatched
 from tests.models import llama_config, llama_rotary
 
 
 def table_of(module, dtype=torch.float32, layer_type=None):
-    return tables.state_of(module).tables[(torch.device("cpu"), dtype, layer_type)]
+    return cache.state_of(module).tables[(torch.device("cpu"), dtype, layer_type)]
 
 
 def test_tables_grow_geometrically_and_hold_at_most_twice_the_positions_used(patched):
@@ -24,10 +25,10 @@ def test_tables_grow_geometrically_and_hold_at_most_twice_the_positions_used(pat
     for used in (1, 100, 1000, 2048, 2049, 5000, 32768):
         positions = torch.tensor([[used - 1]])
         assert_identical(unpatched(module, x, positions), module(x, positions))
-        size = table_of(module).size
-        assert used <= size <= max(2 * used, tables.MIN_TABLE)
-        assert tables.table_bytes(module) == size * row_bytes
-        assert tables.table_bytes(module) <= max(2 * used, tables.MIN_TABLE) * row_bytes
+        size = table_info(module).positions
+        assert used <= size <= max(2 * used, MIN_TABLE)
+        assert held_bytes(module) == size * row_bytes
+        assert held_bytes(module) <= max(2 * used, MIN_TABLE) * row_bytes
 
 
 def test_positions_beyond_the_cap_take_the_unpatched_path():
@@ -37,7 +38,7 @@ def test_positions_beyond_the_cap_take_the_unpatched_path():
     inside, beyond = torch.tensor([[0, 50, 99]]), torch.tensor([[0, 50, 100]])
     assert_identical(unpatched(module, x, inside), module(x, inside))
     assert_identical(unpatched(module, x, beyond), module(x, beyond))
-    assert table_of(module).size == 100
+    assert table_info(module).positions == 100
 
 
 @pytest.mark.parametrize(
@@ -90,8 +91,8 @@ def test_stale_tables_of_other_keys_are_dropped(patched):
     module(x.bfloat16(), positions)
     module.half()
     module(x.half(), positions)
-    state = tables.state_of(module)
-    assert list(state.tables) == [(torch.device("cpu"), torch.float16, None)]
+    info = rope_patch.cache_info(module)
+    assert [(t.device, t.dtype, t.layer_type) for t in info.tables] == [(torch.device("cpu"), torch.float16, None)]
 
 
 def test_meta_device_init_then_materialisation(patched):
@@ -195,9 +196,7 @@ def test_a_forward_that_is_not_position_elementwise_falls_back_with_one_warning(
             emb = torch.cat((freqs, freqs), dim=-1)
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
-    from rope_patch import discovery, patching
-
-    patching._apply(discovery.describe(NormalisedRotaryEmbedding), patching._Registry.settings)
+    rope_patch.patch_class(NormalisedRotaryEmbedding)
     module = NormalisedRotaryEmbedding(llama_config())
     x = torch.randn(1, 4, 64)
     with caplog.at_level("WARNING", logger="rope_patch"):
@@ -205,4 +204,4 @@ def test_a_forward_that_is_not_position_elementwise_falls_back_with_one_warning(
             assert_identical(unpatched(module, x, positions), module(x, positions))
     warnings = [r for r in caplog.records if "NormalisedRotaryEmbedding" in r.getMessage()]
     assert len(warnings) == 1
-    assert tables.state_of(module).fallback
+    assert rope_patch.cache_info(module).fallback

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import rope_patch
-from rope_patch import tables
+from rope_patch import cache
 from tests.conftest import assert_identical, unpatched
 from tests.models import TINY, llama_rotary
 
@@ -28,7 +28,7 @@ def test_table_built_in_one_mode_serves_every_other(patched, first_mode):
     with build_modes()[first_mode]():
         first = module(x, positions)
         assert_identical(unpatched(module, x, positions), first)
-    table = tables.state_of(module).tables[(x.device, x.dtype, None)]
+    table = cache.state_of(module).tables[(x.device, x.dtype, None)]
     assert not any(column.is_inference() for column in table.columns)
     for name, mode in build_modes().items():
         with mode():

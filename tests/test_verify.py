@@ -1,26 +1,43 @@
-"""rope_patch.verify (behind ``rope-patch list --verify`` and the GPU check)
-proves 2-D and 3-D forms, and reports a table that went wrong."""
+"""rope_patch.diagnostics.verify.verify_class (behind the contract test,
+``rope-patch list --verify`` and the GPU check) proves 2-D and 3-D forms,
+counts M-RoPE classes by their 3-D calls, and reports a table that went wrong."""
 
 import torch
 
-from rope_patch import catalog, discovery, mrope, tables, verify
-from tests.models import llama_rotary
+from rope_patch import discovery
+from rope_patch.cache.forms import PlanarForm
+from rope_patch.diagnostics.verify import verify_class
+from rope_patch.status import Status
 
 
 def test_mrope_class_is_verified_in_both_forms(patched):
     from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-    instance = catalog.default_instance(discovery.describe(modeling_qwen2_vl.Qwen2VLRotaryEmbedding))
-    verdict = verify.verify_module(instance, catalog.layer_types_of(instance), "cpu", torch.bfloat16)
-    assert verdict.problems == []
-    assert verdict.cached and verdict.fallback is None
-    assert 3 in mrope.answered_axes(instance)
+    result = verify_class(discovery.describe(modeling_qwen2_vl.Qwen2VLRotaryEmbedding), "cpu", (torch.bfloat16,))
+    assert result.problems == ()
+    assert result.status is Status.CACHED and result.mrope
 
 
-def test_a_corrupted_table_is_reported(patched):
-    module = llama_rotary()
-    module(torch.randn(1, 2048, 8), torch.arange(2048)[None])  # every position verify uses: no regrowth
-    (table,) = tables.state_of(module).tables.values()
-    table.columns[0][7].add_(1.0)  # what a bug in the table code would look like
-    verdict = verify.verify_module(module, (None,), "cpu", torch.float32)
-    assert any("values differ" in problem for problem in verdict.problems), verdict
+def test_a_corrupted_table_is_reported(patched, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    original_lookup = PlanarForm.lookup
+
+    def corrupted(self, module, x, position_ids):  # what a bug in the table code would look like
+        cos, sin = original_lookup(self, module, x, position_ids)
+        return cos + (position_ids == 7)[..., None], sin
+
+    monkeypatch.setattr(PlanarForm, "lookup", corrupted)
+    result = verify_class(discovery.describe(modeling_llama.LlamaRotaryEmbedding))
+    assert any("values differ" in problem for problem in result.problems), result
+
+
+def test_classes_that_are_not_wrapped_are_reported_without_building(patched):
+    from transformers.models.llama import modeling_llama
+
+    import rope_patch
+
+    rope_patch.unpatch()
+    assert rope_patch.patch(exclude="llama")
+    result = verify_class(discovery.describe(modeling_llama.LlamaRotaryEmbedding))
+    assert result.status is Status.EXCLUDED and result.problems == ()

@@ -1,21 +1,19 @@
 """``rope-patch list``: every ``*RotaryEmbedding`` class of the installed
 transformers, and what rope_patch does with it in this environment.
 
-The static status of each class comes from :func:`rope_patch.patching.classify`
+The static status of each class comes from :func:`rope_patch.status.classify`
 under the ROPE_PATCH_* settings, exactly as ``import rope_patch.auto`` decides.
 Whether a class classified cached is really answered from tables is left to
-the runtime: the command patches in-process with the same settings, builds each
-such class from its model's default config and runs one small forward; if the
-runtime gave up on it (its own verification failed, the forward is not
-position-elementwise, ...), the row says fallback with the runtime's reason.
-Nothing here re-derives eligibility.
+the runtime: the command patches in-process with the same settings and runs
+:func:`rope_patch.diagnostics.verify.verify_class` on each such class (one
+short call per form; every pattern with ``--verify``), which builds the same
+instance the contract test builds. Nothing here re-derives eligibility.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import json
 import sys
 import warnings
@@ -23,29 +21,48 @@ import warnings
 import click
 
 import rope_patch
-from rope_patch import patching, versions
+from rope_patch import versions
 from rope_patch import settings as settings_module
 from rope_patch.cli._common import DEVICES, DTYPES, Progress, check_device, quiet, torch_dtype
+from rope_patch.status import ClassStatus, Status, classify
 
-STATUSES = (patching.CACHED, patching.FALLBACK, patching.EXCLUDED, patching.UNSUPPORTED)
-#: Statuses ``--verify`` gives the classes it checks.
-VERIFIED = f"{patching.CACHED}, verified"
-MISMATCH = f"{patching.CACHED}, mismatch"
-NOT_VERIFIED = f"{patching.CACHED}, not verified"
-
-_GLOB_CHARACTERS = "*?["
+STATUSES = tuple(status.value for status in Status)
+#: ``--verify`` results, in the CHECK column.
+VERIFIED, MISMATCH, NOT_VERIFIED = "identical", "MISMATCH", "not verified"
 
 
-def matches(pattern: str | None, rotary) -> bool:
-    """Whether ``rotary``'s model type or class name matches ``pattern``:
-    a case-insensitive fnmatch glob when it has ``*?[``, else a substring."""
-    if not pattern:
-        return True
-    wanted = pattern.lower()
-    fields = (rotary.model_type.lower(), rotary.name.lower())
-    if any(character in wanted for character in _GLOB_CHARACTERS):
-        return any(fnmatch.fnmatchcase(field, wanted) for field in fields)
-    return any(wanted in field for field in fields)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the listing.
+
+    Attributes:
+        rotary: the class.
+        status: what rope_patch does with it here.
+        reason: why (or a note).
+        check: with ``--verify``, for cached classes: VERIFIED, MISMATCH or NOT_VERIFIED.
+    """
+
+    rotary: object
+    status: Status
+    reason: str
+    check: str | None = None
+
+    @classmethod
+    def of(cls, decision: ClassStatus) -> Row:
+        return cls(decision.rotary, decision.status, decision.reason)
+
+    def as_dict(self) -> dict[str, str]:
+        """The ``--json`` row."""
+        row = {
+            "model_type": self.rotary.model_type,
+            "module": self.rotary.module,
+            "class": self.rotary.name,
+            "status": str(self.status),
+            "reason": self.reason,
+        }
+        if self.check is not None:
+            row["check"] = self.check
+        return row
 
 
 @contextlib.contextmanager
@@ -78,126 +95,87 @@ def _model_code_contained():
         yield
 
 
-def _observe(row: patching.ClassStatus) -> patching.ClassStatus:
+def _observe(row: Row, device: str, dtype: str | None) -> tuple[Row, bool]:
     """Let the runtime decide between cached and fallback for a class
-    classified cached: build it, call it once per layer type, read its state."""
-    import torch
-
-    from rope_patch import catalog, mrope, tables
+    classified cached: verify_class with probe calls, or every case with
+    ``dtype`` (``--verify``). Returns the row and whether it failed to verify."""
+    from rope_patch.diagnostics.verify import verify_class
 
     if not rope_patch.is_patched():  # patch() declined: unsupported torch/transformers
-        return dataclasses.replace(
-            row, status=patching.EXCLUDED, reason=f"nothing is patched: {versions.problem() or 'patching is off'}"
-        )
+        why = f"nothing is patched: {versions.problem() or 'patching is off'}"
+        return dataclasses.replace(row, status=Status.EXCLUDED, reason=why), False
+    if dtype is None:
+        result = verify_class(row.rotary, device, cases="probe")
+        return Row(row.rotary, result.status, result.reason), False
+    where = f"{device} {dtype}"
     try:
-        instance = catalog.default_instance(row.rotary, "cpu")
-    except catalog.InstantiationError as error:
-        return dataclasses.replace(row, reason=f"not instantiated: {error}")
-    x, positions = catalog.probe_inputs()
-    raised = None
-    for layer_type in catalog.layer_types_of(instance):
-        extra = () if layer_type is None else (layer_type,)
-        for probe in (positions, positions.expand(catalog.MROPE_AXES, *positions.shape)):
-            try:
-                with torch.no_grad():
-                    instance(x, probe, *extra)
-            except Exception as error:  # noqa: BLE001 - the unpatched forward's own error (the patched one raises alike)
-                if probe is positions:
-                    raised = raised or f"{type(error).__name__}: {error}"
-    state = tables.state_of(instance)
-    if state is not None and state.fallback is not None:
-        return dataclasses.replace(row, status=patching.FALLBACK, reason=state.fallback)
-    built = state is not None and any(table is not None for table in state.tables.values())
-    if built:
-        if mrope.recombines(instance) or (raised is not None and catalog.MROPE_AXES in mrope.answered_axes(instance)):
-            return dataclasses.replace(row, reason="M-RoPE: 3-D position_ids are answered from the tables too")
-        return row
-    if raised is not None:
-        # The forward rejects these inputs (e.g. it needs 3-D multimodal
-        # position ids): the runtime decided nothing, so the static status stands.
-        return dataclasses.replace(row, reason=f"not probed: the forward raised {raised}")
-    return dataclasses.replace(
-        row, status=patching.FALLBACK, reason="the runtime built no table for the default config (computed unpatched)"
-    )
+        result = verify_class(row.rotary, device, (torch_dtype(dtype),), cases="all")
+    except Exception as error:  # noqa: BLE001 - reported as this class's failure
+        return dataclasses.replace(row, check=NOT_VERIFIED, reason=f"{type(error).__name__}: {error}"), True
+    if result.problems:
+        return Row(row.rotary, result.status, f"on {where}: " + "; ".join(result.problems), MISMATCH), True
+    if result.status is not Status.CACHED:
+        return Row(row.rotary, result.status, f"on {where}: {result.reason}"), not result.built
+    note = f"; {result.reason}" if result.reason else ""
+    return Row(row.rotary, result.status, f"identical to unpatched on {where}{note}", VERIFIED), False
 
 
-def collect(pattern: str | None, wanted: str | None, progress: Progress):
+def collect(pattern: str | None, wanted: Status | None, progress: Progress, device="cpu", dtype=None):
     """The rows to show.
 
     Args:
-        pattern: see :func:`matches`.
+        pattern: model type or class name, exact or a glob (only matching
+            modules are imported).
         wanted: keep only rows with this status (None: all).
         progress: called while importing and probing.
+        device, dtype: ``--verify``'s (dtype None: no verification).
 
     Returns:
-        ``(rows, import_failures)``: ClassStatus rows in module order, and the
-        catalog's modules that could not be imported.
+        ``(rows, import_failures, unverified)``: rows in module order, the
+        modules that could not be imported, and how many cached classes
+        were not proven identical.
     """
-    from rope_patch import catalog
+    from rope_patch.diagnostics.scan import scan_catalog
 
     environment = settings_module.from_environment()
-    scanned = catalog.scan_catalog(lambda i, total, name: progress(i, total, f"importing {name}"))
-    rows = [patching.classify(rotary, environment) for rotary in scanned.rotaries if matches(pattern, rotary)]
-    if wanted in (patching.CACHED, patching.FALLBACK, None):
+    scanned = scan_catalog(lambda i, total, name: progress(i, total, f"importing {name}"), pattern)
+    rows = [Row.of(classify(rotary, environment)) for rotary in scanned.rotaries]
+    unverified = 0
+    if wanted in (Status.CACHED, Status.FALLBACK, None):
         for i, row in enumerate(rows):
-            if row.status == patching.CACHED:
-                progress(i + 1, len(rows), f"probing {row.rotary.name}")
-                rows[i] = _observe(row)
-    rows = [row for row in rows if wanted is None or row.status == wanted]
-    return rows, scanned.failures
+            if row.status is Status.CACHED:
+                progress(i + 1, len(rows), f"{'verifying' if dtype else 'probing'} {row.rotary.name}")
+                rows[i], failed = _observe(row, device, dtype)
+                unverified += failed
+    rows = [row for row in rows if wanted is None or row.status is wanted]
+    return rows, scanned.failures, unverified
 
 
-def verify_rows(rows, device: str, dtype: str, progress: Progress):
-    """Run :func:`rope_patch.verify.verify_module` for every cached row.
-
-    Returns:
-        ``(rows, failures)``: rows with VERIFIED, MISMATCH or NOT_VERIFIED (or
-        FALLBACK when the runtime does not cache the class on this device and
-        dtype), and how many cached classes were not proven identical.
-    """
-    from rope_patch import catalog
-    from rope_patch.verify import verify_module
-
-    where = f"{device} {dtype}"
-    out, failures = [], 0
-    for i, row in enumerate(rows):
-        if row.status != patching.CACHED:
-            out.append(row)
-            continue
-        progress(i + 1, len(rows), f"verifying {row.rotary.name}")
-        try:
-            instance = catalog.default_instance(row.rotary, device)
-            verdict = verify_module(instance, catalog.layer_types_of(instance), device, torch_dtype(dtype))
-        except Exception as error:  # noqa: BLE001 - reported as this class's failure
-            failures += 1
-            out.append(dataclasses.replace(row, status=NOT_VERIFIED, reason=f"{type(error).__name__}: {error}"))
-            continue
-        if verdict.problems:
-            failures += 1
-            out.append(dataclasses.replace(row, status=MISMATCH, reason=f"on {where}: " + "; ".join(verdict.problems)))
-        elif not verdict.cached:
-            out.append(dataclasses.replace(row, status=patching.FALLBACK, reason=f"on {where}: {verdict.fallback}"))
-        else:
-            out.append(dataclasses.replace(row, status=VERIFIED, reason=f"identical to unpatched on {where}"))
-    return out, failures
-
-
-def summary(rows) -> str:
-    """``N classes: a cached, b fallback, c excluded, d unsupported``."""
-    counts = dict.fromkeys(STATUSES, 0)
+def summary(rows, failures=()) -> str:
+    """``N classes: a cached, b fallback, c excluded, d unsupported``, and
+    the modules not imported for a missing optional package."""
+    counts = dict.fromkeys(Status, 0)
     for row in rows:
-        base = row.status.split(",")[0]
-        counts[base] = counts.get(base, 0) + 1
-    return f"{len(rows)} {'class' if len(rows) == 1 else 'classes'}: " + ", ".join(
-        f"{counts[name]} {name}" for name in STATUSES
+        counts[row.status] += 1
+    line = f"{len(rows)} {'class' if len(rows) == 1 else 'classes'}: " + ", ".join(
+        f"{counts[status]} {status}" for status in Status
     )
+    missing = sorted({failure.missing_package for failure in failures if failure.missing_package})
+    skipped = sum(1 for failure in failures if failure.missing_package)
+    if skipped:
+        line += f" ({skipped} module{'s' if skipped > 1 else ''} not imported: needs {', '.join(missing)})"
+    return line
 
 
 def render(rows) -> list[str]:
-    """Aligned table lines: model type, class, status, reason."""
-    table = [("MODEL TYPE", "CLASS", "STATUS", "REASON")]
-    table += [(row.rotary.model_type, row.rotary.name, row.status, row.reason) for row in rows]
-    widths = [max(len(line[column]) for line in table) for column in range(3)]
+    """Aligned table lines: model type, class, status, [check,] reason."""
+    checked = any(row.check is not None for row in rows)
+    header = ("MODEL TYPE", "CLASS", "STATUS", *(("CHECK",) if checked else ()), "REASON")
+    table = [header]
+    for row in rows:
+        check = ((row.check or ""),) if checked else ()
+        table.append((row.rotary.model_type, row.rotary.name, str(row.status), *check, row.reason))
+    widths = [max(len(line[column]) for line in table) for column in range(len(header) - 1)]
     return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths + [0])).rstrip() for line in table]
 
 
@@ -218,27 +196,26 @@ def list_command(pattern, wanted, as_json, verify, device, dtype):
     what rope_patch does with it here: cached, fallback (patched, but the
     runtime computes it unpatched), excluded or unsupported.
 
-    PATTERN filters by model type or class name (case-insensitive substring,
-    or a glob such as 'qwen*'). ROPE_PATCH_DISABLE and ROPE_PATCH_EXCLUDE are
-    honoured as `import rope_patch.auto` honours them. Importing every
-    modeling module takes a few seconds.
+    PATTERN is a model type or class name, case-insensitive: an exact name
+    (qwen3, Qwen3RotaryEmbedding) or a glob ('qwen3*', '*VisionRotaryEmbedding'),
+    matched as ROPE_PATCH_EXCLUDE matches. Only the matching modeling modules
+    are imported; without PATTERN all of them are (seconds).
+    ROPE_PATCH_DISABLE and ROPE_PATCH_EXCLUDE are honoured as
+    `import rope_patch.auto` honours them.
     """
     if not verify and (device or dtype):
         raise click.UsageError("--device and --dtype only apply with --verify")
-    device = check_device(device or "cpu") if verify else None
+    device = check_device(device or "cpu")
     dtype = (dtype or "float32") if verify else None
-    wanted = wanted.lower() if wanted else None
+    wanted = Status(wanted.lower()) if wanted else None
     progress = Progress()
-    failures = 0
     try:
         with _model_code_contained(), _patched_like_auto():
-            rows, not_imported = collect(pattern, wanted, progress)
-            if verify:
-                rows, failures = verify_rows(rows, device, dtype, progress)
+            rows, failures, unverified = collect(pattern, wanted, progress, device, dtype)
     finally:
         progress.clear()
-    if not_imported:
-        for failure in not_imported:
+    for failure in failures:
+        if not failure.missing_package:
             click.echo(f"note: {failure.module} not imported, its classes are not listed: {failure.reason}", err=True)
     if as_json:
         click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
@@ -246,7 +223,13 @@ def list_command(pattern, wanted, as_json, verify, device, dtype):
         for line in render(rows):
             click.echo(line)
         if verify:
-            click.echo(f"verified on {device} {dtype}: {failures} cached classes not proven identical")
-        click.echo(summary(rows))
-    if failures:
+            click.echo(f"verified on {device} {dtype}: {unverified} cached classes not proven identical")
+        click.echo(summary(rows, failures))
+    if not rows:
+        what = f"matches {pattern!r}" if pattern else "was found"
+        hint = " (model types and class names, exact or a glob such as 'qwen*'; see `rope-patch list`)"
+        click.echo(f"rope-patch list: no rotary class {what}{' with status ' + str(wanted) if wanted else ''}"
+                   f"{hint if pattern else ''}", err=True)
+        sys.exit(1)
+    if unverified:
         sys.exit(1)

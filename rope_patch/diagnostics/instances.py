@@ -1,12 +1,8 @@
-"""The catalog: every ``*RotaryEmbedding`` class transformers ships, and a way
-to build each one from its model's default config.
+"""Building an instance of a rotary class from its model's default config.
 
-Used by the contract test (tests/test_catalog.py) and by
-``rope-patch list --verify``. Nothing here is on the patching path: importing
-every modeling module takes seconds, so only tools call :func:`scan_catalog`.
-
-Building an instance (:func:`default_instance`) is data-driven, never a
-per-model table:
+Used by the verifier (rope_patch.diagnostics.verify) behind the contract test,
+``rope-patch list`` and the GPU check, so all of them build the same
+instances. Building is data-driven, never a per-model table:
 
 1. the config classes to try come from the rotary ``__init__``'s annotation
    (``config: Qwen3Config``), then from the config classes the modeling module
@@ -17,46 +13,41 @@ per-model table:
 3. the ``__init__``'s parameters are filled by name: a config parameter gets
    the config, ``device`` the device, ``dim``/``base``/``theta`` values read
    from the config, others a same-named config attribute or their default;
-4. only when every config fails are they retried with standard RoPE
-   parameters filled into empty ones (:func:`with_standard_rope`), which
-   repairs default configs their own models cannot be built from.
+4. two repairs, both for default configs their own models cannot run
+   either, and only when nothing else works: empty RoPE parameters get
+   standard RoPE (:func:`with_standard_rope`), and an ``mrope_section`` that
+   is missing or does not sum to the rotary's frequency count is rescaled
+   to it (:func:`with_matching_mrope_section`). The instance says which.
 
 For dimension-style constructors (``dim``, ``theta``) the instance gets the
 config's head size, not necessarily the slice the model itself passes (vision
 rotaries use half of it): the instance is for exercising the class, not for
 reproducing a model's numbers.
-
-API: :func:`scan_catalog` (classes and import failures), :func:`iter_catalog`
-(classes only), :func:`default_instance`, :func:`layer_types_of`, and for the
-CLI's ``--verify`` :func:`check` / :func:`probe_problem` (bit-identity of
-the patched forward is :mod:`rope_patch.verify`'s job, not this module's).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import inspect
 import logging
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
-from rope_patch.discovery import RotaryClass, describe, modeling_module_names, rotary_classes
+from rope_patch.discovery import RotaryClass, describe
 from rope_patch.forward import original_of
 
 logger = logging.getLogger(__name__)
 
-#: Inputs of the forward probe: a (batch, seq, hidden) activation and 2-D
+#: Inputs of the probe forward: a (batch, seq, hidden) activation and 2-D
 #: position ids, the shapes a decoder's rotary embedding is called with.
 PROBE_SHAPE = (1, 4, 8)
 PROBE_POSITIONS = 4
-#: Rows of multimodal-RoPE position ids (temporal, height, width), the layout
-#: the probe retries with when 2-D positions fail.
+#: Rows of multimodal-RoPE position ids (temporal, height, width).
 MROPE_AXES = 3
 
 #: Constructor parameters read from the config under another name.
@@ -67,111 +58,6 @@ _DIM_NAMES = ("dim", "head_dim")
 class InstantiationError(Exception):
     """A rotary class could not be built from its default config; the message
     says why (every config tried, with the error each gave)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImportFailure:
-    """A modeling module that failed to import.
-
-    Attributes:
-        module: its dotted name.
-        error: the exception (traceback dropped, so no frames are kept alive).
-    """
-
-    module: str
-    error: BaseException
-
-    @property
-    def reason(self) -> str:
-        return f"{type(self.error).__name__}: {self.error}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Catalog:
-    """What :func:`scan_catalog` found.
-
-    Attributes:
-        rotaries: every rotary class, ordered by module then class name.
-        failures: the modules that failed to import (skipped).
-        modules: how many modules were imported or tried.
-    """
-
-    rotaries: list[RotaryClass]
-    failures: list[ImportFailure]
-    modules: int
-
-
-@dataclasses.dataclass(frozen=True)
-class CatalogEntry:
-    """A rotary class with the outcome of :func:`check`.
-
-    Attributes:
-        rotary: the class, as discovery describes it.
-        status: ``unchecked`` (not checked yet), ``ok`` (built, and its
-            forward returned tensors for every layer type), ``unsupported``
-            (discovery rules the forward out; not built), ``no-instance``
-            (default_instance failed) or ``forward`` (built, but the probe
-            forward failed).
-        reason: why, when status is not ``ok``.
-        layer_types: the layer types probed (``(None,)`` when the forward
-            takes none; empty when nothing was built).
-    """
-
-    rotary: RotaryClass
-    status: str = "unchecked"
-    reason: str | None = None
-    layer_types: tuple[str | None, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-# --------------------------------------------------------------------------
-# Scanning
-
-
-def scan_catalog(progress: Callable[[int, int, str], None] | None = None) -> Catalog:
-    """Import every torch modeling module and collect its rotary classes.
-
-    Args:
-        progress: called as ``progress(i, total, module_name)`` before each
-            module is imported, ``i`` counting from 1.
-
-    Returns:
-        A :class:`Catalog`; modules that fail to import are listed in its
-        ``failures`` (and logged at debug) instead of raising.
-    """
-    names = modeling_module_names()
-    rotaries: list[RotaryClass] = []
-    failures: list[ImportFailure] = []
-    for i, name in enumerate(names, start=1):
-        if progress is not None:
-            progress(i, len(names), name)
-        try:
-            module = importlib.import_module(name)
-        except Exception as exc:  # any error: one broken model must not hide the rest
-            logger.debug("skipping %s: %s: %s", name, type(exc).__name__, exc)
-            failures.append(ImportFailure(name, exc.with_traceback(None)))
-            continue
-        rotaries.extend(rotary_classes(module))
-    return Catalog(rotaries=rotaries, failures=failures, modules=len(names))
-
-
-def iter_catalog(progress: Callable[[int, int, str], None] | None = None) -> list[RotaryClass]:
-    """Every rotary class in the torch modeling modules, in module order.
-
-    Args:
-        progress: as for :func:`scan_catalog`.
-
-    Returns:
-        The classes only; use :func:`scan_catalog` for the import failures.
-    """
-    return scan_catalog(progress).rotaries
-
-
-# --------------------------------------------------------------------------
-# Building an instance
 
 
 def _config_base() -> type:
@@ -502,15 +388,60 @@ def _build(rotary: RotaryClass, config, device, problems: list[str], label: str)
         return None
 
 
-def default_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Build ``rotary.cls`` from its model's default config.
+def with_matching_mrope_section(instance: torch.nn.Module):
+    """A copy of ``instance.config`` whose ``mrope_section`` sums to the
+    rotary's frequency count (``inv_freq.numel()``), rescaled
+    proportionally (equal thirds when missing); None when the config has no
+    ``rope_parameters`` with a rope type, the rotary no ``inv_freq``, or the
+    section already fits.
 
-    Every candidate config (see :func:`candidate_configs`) is tried as it is;
-    only when all fail are they tried again with STANDARD_ROPE filled into
-    empty ``rope_parameters`` (see :func:`with_standard_rope`).
+    Repairs transformers 5.x default configs whose M-RoPE rotary cannot run
+    (GLM-4V text, GLM-4V-MoE text, GLM-Image text: a section that does not
+    sum to the rotary's frequency count; HunYuan-VL: no section at all).
+
+    Returns:
+        ``(config, section)`` or None.
+    """
+    config = getattr(instance, "config", None)
+    parameters = getattr(config, "rope_parameters", None)
+    inv_freq = getattr(instance, "inv_freq", None)
+    if not isinstance(parameters, dict) or "rope_type" not in parameters or not isinstance(inv_freq, torch.Tensor):
+        return None
+    count = inv_freq.numel()
+    section = parameters.get("mrope_section")
+    if section is not None and sum(section) == count:
+        return None
+    weights = list(section or [1, 1, 1])
+    parts = [count * weight // sum(weights) for weight in weights[:-1]]
+    section = [*parts, count - sum(parts)]
+    repaired = copy.deepcopy(config)
+    repaired.rope_parameters = dict(parameters, mrope_section=section)
+    return repaired, section
+
+
+@dataclasses.dataclass
+class Instance:
+    """A rotary module built for exercising its class.
+
+    Attributes:
+        module: the module, in eval mode, on the device asked for.
+        layer_types: the layer types to call it with (``[None]`` when the
+            forward takes none).
+        repair: "" or what was repaired in its default config to build a
+            module whose forward runs.
+    """
+
+    module: torch.nn.Module
+    layer_types: list
+    repair: str = ""
+
+
+def default_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build ``rotary.cls`` from its model's default config (see
+    :func:`build_instance`, which also repairs an M-RoPE section).
 
     Args:
-        rotary: the rotary class (from :func:`iter_catalog` or discovery).
+        rotary: the rotary class (from a scan or discovery.describe).
         device: where the module is built and left.
 
     Returns:
@@ -542,6 +473,29 @@ def default_instance(rotary: RotaryClass, device: str | torch.device = "cpu") ->
     raise InstantiationError(f"{rotary.name}: " + "; ".join(problems))
 
 
+def build_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> Instance:
+    """:func:`default_instance`, with its layer types; when its forward
+    raises for 2-D and 3-D positions alike, rebuilt from a config with a
+    matching ``mrope_section`` if that is what is wrong.
+
+    Raises:
+        InstantiationError: as default_instance.
+    """
+    module = default_instance(rotary, device)
+    layer_types = layer_types_of(module)
+    if all(forward_raises(rotary, module, layer_type) for layer_type in layer_types):
+        repaired = with_matching_mrope_section(module)
+        if repaired is not None:
+            config, section = repaired
+            try:
+                module = rotary.cls(**constructor_arguments(rotary.cls, config, device)).to(device).eval()
+            except Exception as error:  # noqa: BLE001 - not repairable this way; keep the default instance
+                logger.debug("%s: repaired mrope_section did not build: %s", rotary.name, error)
+            else:
+                return Instance(module, layer_types_of(module), f"built from a repaired config (mrope_section {section})")
+    return Instance(module, layer_types)
+
+
 # --------------------------------------------------------------------------
 # Layer types and the probe
 
@@ -570,13 +524,6 @@ def layer_types_of(instance: torch.nn.Module) -> list[str | None]:
     return sorted(set(types), key=str) if types else [None]
 
 
-def probe_inputs(device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The probe's ``(x, position_ids)``: x of shape PROBE_SHAPE, positions
-    ``arange(PROBE_POSITIONS)[None]``."""
-    x = torch.randn(*PROBE_SHAPE, device=device)
-    return x, torch.arange(PROBE_POSITIONS, device=device)[None]
-
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's buffers or parameters live (cpu when it has none)."""
     for tensor in (*module.buffers(), *module.parameters()):
@@ -584,90 +531,26 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def probe_forward(
-    rotary: RotaryClass,
-    instance: torch.nn.Module,
-    layer_type: str | None = None,
-    position_ids: torch.Tensor | None = None,
-):
-    """Call the class's own (unpatched) forward on the probe inputs.
-
-    Args:
-        rotary: the class record; its ``forward`` (or, if it was captured
-            while patched, the original behind rope_patch's replacement) is
-            what runs.
-        instance: a built module.
-        layer_type: passed as the third argument when the forward takes one.
-        position_ids: replaces the probe's 2-D positions (moved to the
-            instance's device).
-
-    Returns:
-        The forward's output, checked to be a tensor or a tuple/list of tensors.
-
-    Raises:
-        TypeError: the output is something else.
-        Exception: whatever the forward raises.
-    """
+def unpatched_forward(rotary: RotaryClass, instance: torch.nn.Module, position_ids, layer_type=None):
+    """The class's own (unpatched) forward on a probe activation of
+    PROBE_SHAPE's batch and ``position_ids``' sequence length."""
     forward = rotary.forward or getattr(rotary.cls, "forward")
     forward = original_of(forward) or forward  # never probe our own replacement
     device = _device_of(instance)
-    x, default_positions = probe_inputs(device)
-    positions = default_positions if position_ids is None else position_ids.to(device)
-    args = (x, positions, layer_type) if rotary.takes_layer_type else (x, positions)
+    x = torch.randn(position_ids.shape[-2], position_ids.shape[-1], PROBE_SHAPE[-1], device=device)
+    args = (x, position_ids.to(device), layer_type) if rotary.takes_layer_type else (x, position_ids.to(device))
     with torch.no_grad():
-        out = forward(instance, *args)
-    parts = out if isinstance(out, (tuple, list)) else (out,)
-    if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
-        raise TypeError(f"forward returned {type(out).__name__}, not tensors")
-    return out
+        return forward(instance, *args)
 
 
-def probe_problem(rotary: RotaryClass, instance: torch.nn.Module, layer_type: str | None = None) -> str | None:
-    """Why the probe forward fails for one layer type, or None when it works.
-
-    When the 2-D positions fail, the forward is tried again with them
-    expanded to ``(MROPE_AXES, batch, seq)``, the layout multimodal RoPE
-    (Qwen2-VL style, in transformers 4.x) requires, and the reason says
-    whether that worked.
-
-    Args:
-        rotary: the class.
-        instance: a built module.
-        layer_type: passed through to :func:`probe_forward`.
-    """
-    try:
-        probe_forward(rotary, instance, layer_type)
-        return None
-    except Exception as exc:  # reported to the caller as a reason
-        reason = f"{type(exc).__name__}: {exc}"
-    if layer_type is not None:
-        reason += f" (layer_type={layer_type!r})"
-    mrope_positions = torch.arange(PROBE_POSITIONS)[None].expand(MROPE_AXES, -1, -1)
-    try:
-        probe_forward(rotary, instance, layer_type, mrope_positions)
-    except Exception as exc:  # the retry only qualifies the first reason
-        return f"{reason}; with {MROPE_AXES}-D multimodal position ids too: {type(exc).__name__}: {exc}"
-    return f"{reason}; works with position ids of shape ({MROPE_AXES}, batch, seq) (multimodal RoPE)"
-
-
-def check(rotary: RotaryClass, device: str | torch.device = "cpu") -> CatalogEntry:
-    """Build ``rotary`` and probe its forward for every layer type.
-
-    Args:
-        rotary: the class.
-        device: where to build and run it.
-
-    Returns:
-        A :class:`CatalogEntry`; errors are reported there, never raised.
-    """
-    if rotary.unsupported is not None:
-        return CatalogEntry(rotary, "unsupported", rotary.unsupported)
-    try:
-        instance = default_instance(rotary, device)
-    except InstantiationError as exc:
-        return CatalogEntry(rotary, "no-instance", str(exc))
-    layer_types = tuple(layer_types_of(instance))
-    problems = [p for p in (probe_problem(rotary, instance, t) for t in layer_types) if p]
-    if problems:
-        return CatalogEntry(rotary, "forward", "; ".join(problems), layer_types)
-    return CatalogEntry(rotary, "ok", None, layer_types)
+def forward_raises(rotary: RotaryClass, instance: torch.nn.Module, layer_type=None) -> bool:
+    """The unpatched forward raises for 2-D probe positions and for the same
+    positions on MROPE_AXES axes alike."""
+    positions = torch.arange(PROBE_POSITIONS)[None]
+    for candidate in (positions, positions[None].expand(MROPE_AXES, -1, -1)):
+        try:
+            unpatched_forward(rotary, instance, candidate, layer_type)
+            return False
+        except Exception:  # noqa: BLE001 - the question is only whether it raises
+            continue
+    return True

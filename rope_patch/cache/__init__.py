@@ -1,0 +1,55 @@
+"""The table engine: per-module cos/sin tables, built lazily from the class's
+own forward, verified, grown, invalidated, and the rule that decides when
+they answer.
+
+Layout:
+
+- :mod:`~rope_patch.cache.rule` -- may a table answer this call? (the one rule)
+- :mod:`~rope_patch.cache.watch` -- what the forward reads, and whether it still does
+- :mod:`~rope_patch.cache.table` -- a table: columns, size, device, watch, forms
+- :mod:`~rope_patch.cache.forms` -- how a table answers each layout of positions
+- :mod:`~rope_patch.cache.build` -- building a table from the forward itself
+- :mod:`~rope_patch.cache.engine` -- the slow path and per-module state
+- :mod:`~rope_patch.cache.numerics` -- exact numerics for building and checking
+
+The public boundary is this module: :func:`call` (the slow path), the fast
+path's two reads (:data:`states`, :mod:`rule`), :func:`cache_info`,
+:func:`forget_all`, :func:`fallback_reasons`.
+"""
+
+from __future__ import annotations
+
+from rope_patch.cache import rule
+from rope_patch.cache.engine import call, forget_all, observed_fallbacks, state_of, states
+from rope_patch.info import CacheInfo, TableInfo
+
+
+def cache_info(module) -> CacheInfo:
+    """What rope_patch holds for ``module``: see :class:`rope_patch.CacheInfo`."""
+    state = state_of(module)
+    if state is None:
+        return CacheInfo(tables=(), fallback=None)
+    with state.lock:
+        items = list(state.tables.items())
+        fallback = state.fallback
+        unpatched = tuple(sorted(set(state.never.values())))
+    rows = []
+    for (device, dtype, layer_type), table in items:
+        forms = tuple(_form_name(table, form) for _, form in sorted(table.forms.items()) if form and form.verified)
+        rows.append(TableInfo(device, dtype, layer_type, table.size, table.nbytes(), forms))
+    return CacheInfo(tables=tuple(rows), fallback=fallback, unpatched=unpatched)
+
+
+def _form_name(table, form) -> str:
+    if form.dims == 2:
+        return "2-D"
+    # Recomposed axes, or the only form the forward takes (4.x Qwen2-VL): the model's M-RoPE.
+    return "M-RoPE" if form.maps is not None or 2 not in table.forms else "3-D"
+
+
+def fallback_reasons() -> dict[type, str]:
+    """class -> why instances of it fell back at run time (first reason seen)."""
+    return dict(observed_fallbacks)
+
+
+__all__ = ["cache_info", "call", "fallback_reasons", "forget_all", "rule", "state_of", "states"]

@@ -1,0 +1,324 @@
+"""The slow path and the per-module state: everything that is not a plain
+table hit.
+
+A call that the fast path (rope_patch.forward) could not answer comes here
+(:func:`call`): the table for its (device, dtype, key arguments) is found
+(its frequency state re-armed by value if the objects changed), built or
+grown, the form for the call's layout of position_ids is learnt, the first
+real call of each form is compared with the unpatched forward, and the
+answer comes from the table only if :func:`rope_patch.cache.rule.answering_form`
+says so. Everything else is computed by the unpatched forward: same result,
+or same exception.
+
+Nothing is stored on the module: state lives in ``_states`` keyed by
+``id(module)`` and is dropped when the module is garbage collected, so
+``state_dict``, pickling and deepcopy never see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+
+import torch
+
+from rope_patch import settings as settings_module
+from rope_patch.cache import rule
+from rope_patch.cache.build import build_table
+from rope_patch.cache.forms import axes as axes_form
+from rope_patch.cache.numerics import exact_numerics, mark_forked_child
+from rope_patch.cache.table import INDEX_DTYPES, NotCacheable, table_size
+from rope_patch.identity import difference
+
+logger = logging.getLogger("rope_patch.cache")
+
+_aminmax = torch.aminmax
+_stack = torch.stack
+
+
+class ModuleState:
+    """What rope_patch keeps for one module instance, outside the module.
+
+    Attributes:
+        tables: (device, dtype, key arguments) -> the Table that answers.
+        never: key -> why it is always computed unpatched (a rope type
+            whose frequencies change with the positions seen).
+        fallback: why this module is never cached, or None.
+        cap: the largest table size in positions.
+        presize: sync-free mode: the size tables are built at.
+        lock: held while tables are built or changed.
+    """
+
+    __slots__ = ("tables", "never", "fallback", "cap", "presize", "lock")
+
+    def __init__(self, module, settings: settings_module.Settings):
+        self.tables: dict = {}
+        self.never: dict = {}
+        self.fallback: str | None = None
+        max_positions = max_position_embeddings(module)
+        self.cap = settings.max_positions or max(max_positions or 0, settings_module.DEFAULT_MIN_CAP)
+        self.presize = min(max_positions or self.cap, self.cap) if settings.sync_free else None
+        self.lock = threading.RLock()
+
+
+#: id(module) -> its state; read by the fast path directly.
+states: dict[int, ModuleState] = {}
+_states_lock = threading.Lock()
+_warned: set[type] = set()
+#: class -> reason, for classes that fell back at run time (``status()``).
+observed_fallbacks: dict[type, str] = {}
+
+
+def state_of(module) -> ModuleState | None:
+    """The state of ``module`` if it has run a patched forward."""
+    return states.get(id(module))
+
+
+def state_for(module) -> ModuleState:
+    """The state of ``module``, created on first use."""
+    key = id(module)
+    state = states.get(key)
+    if state is None:
+        with _states_lock:
+            state = states.get(key)
+            if state is None:
+                state = states[key] = ModuleState(module, settings_module.active or settings_module.Settings())
+                # The module owns its tables: drop them when it is collected.
+                weakref.finalize(module, states.pop, key, None)
+    return state
+
+
+def forget_all() -> None:
+    """Drop every table and fallback record (used by ``unpatch``): after a
+    new ``patch()`` modules rebuild, and decide again, on next use."""
+    with _states_lock:
+        for state in states.values():
+            with state.lock:
+                state.tables.clear()
+                state.never.clear()
+                state.fallback = None
+        observed_fallbacks.clear()
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread held a lock (building a table) would
+    leave the child's copy held forever: give the child fresh locks, and
+    build its tables on one thread (see numerics.mark_forked_child)."""
+    global _states_lock
+    _states_lock = threading.Lock()
+    for state in states.values():
+        state.lock = threading.RLock()
+    mark_forked_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def max_position_embeddings(module) -> int | None:
+    """The module's configured maximum position, when it says."""
+    config = getattr(module, "config", None)
+    for source, name in (
+        (config, "max_position_embeddings"),
+        (module, "original_max_seq_len"),
+        (module, "max_positions"),
+    ):
+        value = getattr(source, name, None) if source is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def position_dependent_reason(module, layer_type) -> str | None:
+    """Why frequencies of this module change with the positions seen, or None.
+
+    ``dynamic_rope_update`` rewrites inv_freq per call for "dynamic" (NTK)
+    types and switches frequency sets for "longrope": a table would go stale.
+    """
+    rope_type = getattr(module, "rope_type", None)
+    if isinstance(rope_type, dict):
+        rope_type = rope_type.get(layer_type)
+    if isinstance(rope_type, str) and ("dynamic" in rope_type or rope_type == "longrope"):
+        return f"{rope_type} rope type: recomputed per call"
+    return None
+
+
+def _disable(module, state: ModuleState, reason: str) -> None:
+    """Stop caching ``module`` for good; warn once per class."""
+    state.fallback = reason
+    state.tables.clear()
+    cls = type(module)
+    observed_fallbacks.setdefault(cls, reason)
+    if cls not in _warned:
+        _warned.add(cls)
+        logger.warning("rope_patch: %s is computed unpatched from now on: %s", cls.__name__, reason)
+
+
+# --------------------------------------------------------------------------
+# The slow path
+
+
+def call(module, original, x, position_ids, layer_type, extra: tuple):
+    """Answer a call the fast path could not. Same result, or same
+    exception, as ``original(module, x, position_ids, *extra)``.
+
+    Args:
+        original: the class's own forward.
+        layer_type: the key argument (None for forwards without one).
+        extra: the arguments after position_ids, as the call passed them.
+    """
+    if not _plain_positions(x, position_ids):
+        return original(module, x, position_ids, *extra)
+    state = state_for(module)
+    if state.fallback is not None:
+        return original(module, x, position_ids, *extra)
+    with state.lock:
+        return _answer(state, module, original, x, position_ids, layer_type, extra)
+
+
+def _plain_positions(x, position_ids) -> bool:
+    """position_ids a table could answer: a non-empty 2-D or 3-D index
+    tensor on x's (real) device, outside CUDA graph capture."""
+    return (
+        position_ids.dim() in (2, 3)
+        and position_ids.dtype in INDEX_DTYPES
+        and position_ids.device == x.device
+        and x.device.type != "meta"
+        and position_ids.numel() != 0
+        and not rule.capturing(x.device)
+    )
+
+
+def _answer(state: ModuleState, module, original, x, position_ids, layer_type, extra: tuple):
+    def unpatched():
+        return original(module, x, position_ids, *extra)
+
+    key = (x.device, x.dtype, layer_type)
+    if key in state.never:
+        return unpatched()
+    reason = position_dependent_reason(module, layer_type)
+    if reason is not None:
+        state.never[key] = reason
+        return unpatched()
+    table = _current_table(state, key)
+    if table is not None and table.watch.needs_grad():
+        return unpatched()  # autograd must see the unpatched graph
+    low, high = _stack(_aminmax(position_ids)).tolist()
+    if low < 0 or high >= state.cap:
+        return unpatched()
+    if table is None or high >= table.size:
+        _drop_stale(state)
+        table = _build(state, module, original, x, position_ids, extra, high + 1, unpatched)
+        if table is None:
+            return unpatched()
+        state.tables[key] = table
+    form = _form_for(state, module, original, table, x, position_ids, extra)
+    if form is None:
+        return unpatched()
+    if not form.verified:
+        return _verify_first_use(state, module, original, table, form, x, position_ids, extra, unpatched)
+    if rule.answering_form(table, x, position_ids, updated=True) is not form:
+        return unpatched()
+    try:
+        return form.lookup(module, x, position_ids)
+    except (IndexError, RuntimeError):
+        return unpatched()
+
+
+def _current_table(state: ModuleState, key):
+    """The table for ``key`` if the module's frequency state is still its
+    own: unchanged, or changed to equal values (then re-armed); else None."""
+    table = state.tables.get(key)
+    if table is None or table.watch.holds(grad=False):
+        return table
+    rearmed = table.watch.rearmed()
+    if rearmed is not None:
+        table.watch = rearmed
+        return table
+    return None
+
+
+def _drop_stale(state: ModuleState) -> None:
+    """Forget tables built from frequency state the module no longer has
+    (after ``.to(dtype)`` or a device move), so they do not pin memory."""
+    for key, table in list(state.tables.items()):
+        if not table.watch.holds(grad=False) and table.watch.rearmed() is None:
+            del state.tables[key]
+
+
+def _build(state: ModuleState, module, original, x, position_ids, extra, needed: int, unpatched):
+    """A new table covering ``needed`` positions, or None (computed
+    unpatched). Raises what the unpatched call raises when a failed build
+    turns out to be the call's own fault."""
+    bound_check = x.device.type != "cpu" and state.presize is None
+    axes = position_ids.shape[0] if position_ids.dim() == 3 else 0
+
+    def attempt(size):
+        try:
+            return build_table(module, original, x, extra, size, bound_check)
+        except NotCacheable as planar_error:
+            if not axes:
+                raise
+            try:  # forwards that accept only 3-D positions (transformers 4.x Qwen2-VL)
+                return build_table(module, original, x, extra, size, bound_check, axes=axes)
+            except NotCacheable as error:
+                raise NotCacheable(f"{planar_error}; from {axes}-axis positions: {error}") from error
+
+    size = table_size(needed, state.cap, state.presize)
+    try:
+        return attempt(size)
+    except NotCacheable as error:
+        # A forward whose own range ends before the rounded-up size (GPT-J's
+        # fixed embed_positions) gets a table of exactly ``needed`` positions,
+        # and the cap stops there. If the call itself raises, that exception
+        # propagates and nothing is disabled.
+        unpatched()
+        if size > needed:
+            state.cap = needed
+            try:
+                return attempt(needed)
+            except NotCacheable as retry_error:
+                error = retry_error
+        _disable(module, state, str(error))
+        return None
+
+
+def _form_for(state: ModuleState, module, original, table, x, position_ids, extra):
+    """The table's form for this call's layout, learnt on first need; None
+    for a layout computed unpatched."""
+    dims = position_ids.dim()
+    if dims in table.forms:
+        form = table.forms[dims]
+        return form if form is not None and (not form.axes or form.axes == position_ids.shape[0]) else None
+    if dims != 3:  # a table built from 3-axis positions: the forward takes no 2-D ones
+        return None
+    try:
+        form = axes_form.learn(table, module, original, extra, x, position_ids.shape[0])
+    except NotCacheable as error:
+        _disable(module, state, f"position_ids with {position_ids.shape[0]} axes: {error}")
+        return None
+    table.forms[dims] = form
+    return form
+
+
+def _verify_first_use(state, module, original, table, form, x, position_ids, extra, unpatched):
+    """Compare the form with the unpatched forward on its first real call."""
+    expected = unpatched()
+    try:
+        actual = form.lookup(module, x, position_ids)
+    except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
+        _disable(module, state, f"table lookup failed: {error!r}")
+        return expected
+    problem = difference(expected, actual)
+    if problem is not None:
+        # Under TF32 or autocast the unpatched value may be rounded; the
+        # table holds the exact one, which is what we promise there.
+        with exact_numerics(x.device.type):
+            exact = original(module, x, position_ids, *extra)
+        if difference(exact, actual) is not None:
+            _disable(module, state, f"first call differs from the unpatched forward: {problem}")
+            return expected
+    form.verified = True
+    return actual if rule.answering_form(table, x, position_ids, updated=True) is form else expected

@@ -1,0 +1,125 @@
+"""May a table answer this call? The one place that decides it.
+
+Both paths read these two functions: the replacement forward's fast path
+(rope_patch.forward) and the slow path (rope_patch.cache.engine) after it has
+built, grown, re-armed or verified a table. Anything they refuse is computed
+by the unpatched forward, so its result (or exception) is the user's.
+
+:func:`steps_aside` -- the context: run the original forward untouched,
+whatever the tables, while
+
+1. dynamo traces (``torch.compile``, ``torch.export``, the dynamo ONNX
+   exporter): the compiled graph is the unpatched one;
+2. ``torch.jit.trace`` or the legacy ONNX exporter traces: a gather would
+   bake the table into the trace as a constant;
+3. a ``torch.func`` transform is active (``vmap``, ``grad``, ``jacrev``, ...):
+   positions may be batched tensors, and gradients must flow to whatever the
+   forward reads (``functional_call`` with a replaced ``inv_freq``);
+4. a TorchDispatchMode is active (``make_fx``, FakeTensorMode,
+   FlopCounterMode, ...): they observe or trace the ops;
+5. ``rope_patch.disabled()`` is in effect in this thread.
+
+:func:`answering_form` -- the table: it answers only when
+
+6. it has a verified form for this layout of position_ids (2-D, or 3-D with
+   the form's number of axes) -- the first real call of each form is
+   compared with the unpatched forward before any is answered;
+7. position_ids are int64 or int32, non-empty, on the table's device (a
+   meta or other-device tensor raises in the unpatched forward, and must
+   here too);
+8. on accelerators: no CUDA graph is being captured (the graph would hold
+   on to this table, which a rebuild frees), and the positions are inside
+   the table (exact host check, one sync) unless sync-free mode pre-sized
+   it; on CPU the gather itself raises for positions outside it;
+9. the module's frequency state is the table's (``Watch.holds``: every
+   buffer, parameter, attribute and config value the forward read, and no
+   read tensor requires grad while grad is enabled);
+10. the rope type's per-call state update is a no-op for this call, or has
+    just run (``table.needs_update``: longrope's long set).
+
+The replacement forward and the slow path also require ``x`` and
+position_ids to be plain tensors (subclasses, fake and functional tensors
+take the original) and the call's extra arguments to be the ones the class
+takes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from rope_patch.cache.table import INDEX_DTYPES
+
+_C = torch._C
+# Dynamo replaces is_dynamo_compiling() by True while tracing; otherwise it is
+# a bare ``return False`` (is_compiling() also asks jit.is_scripting()).
+_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_is_tracing = _C._is_tracing
+_functorch_level = _C._functorch.maybe_current_level
+_dispatch_modes = _C._len_torch_dispatch_stack
+_aminmax = torch.aminmax
+_stack = torch.stack
+
+
+class _Local(threading.local):
+    """Per-thread switch set by :func:`rope_patch.disabled`."""
+
+    disabled = 0
+
+
+local = _Local()
+
+
+def steps_aside() -> bool:
+    """The context requires the original forward (items 1-5 above)."""
+    return (
+        _is_compiling()
+        or local.disabled
+        or _is_tracing()
+        or _functorch_level() is not None
+        or _dispatch_modes() != 0
+    )
+
+
+def answering_form(table, x, position_ids, updated: bool = False):
+    """The form of ``table`` that may answer this call, or None (items 6-10).
+
+    Args:
+        table: the table for the call's (device, dtype, key arguments).
+        x: the activation (its device and dtype chose the table).
+        position_ids: a plain tensor.
+        updated: the rope type's state update ran for this call.
+    """
+    form = table.forms.get(position_ids.dim())
+    if form is None or not form.verified or (form.axes and position_ids.shape[0] != form.axes):
+        return None
+    if table.needs_update and not updated:
+        return None
+    if position_ids.dtype not in INDEX_DTYPES or not position_ids.numel():
+        return None
+    if table.on_cpu:
+        if not position_ids.is_cpu:
+            return None
+    elif position_ids.device != table.device or capturing(table.device):
+        return None
+    elif table.bound_check and not in_bounds(position_ids, table.size):
+        return None
+    if not table.watch.holds():
+        return None
+    return form
+
+
+def capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on ``device``'s kind: no host sync, no table."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def in_bounds(position_ids, size: int) -> bool:
+    """``0 <= position_ids < size``, checked exactly on the host (one sync).
+
+    An out-of-range gather on an accelerator is a device-side assert that
+    poisons the process (vLLM #9965), so it must not be attempted.
+    """
+    low, high = _stack(_aminmax(position_ids)).tolist()
+    return 0 <= low and high < size

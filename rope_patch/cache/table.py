@@ -1,0 +1,73 @@
+"""A table: what one module's forward returns for positions ``0 .. size-1``,
+for one (device, dtype, key arguments) and one frequency state."""
+
+from __future__ import annotations
+
+import torch
+
+from rope_patch.cache.watch import Watch
+
+#: position_ids dtypes a table answers (those torch.embedding takes).
+INDEX_DTYPES = (torch.int64, torch.int32)
+#: The smallest table, in positions; tables double from here.
+MIN_TABLE = 64
+
+
+class NotCacheable(Exception):
+    """The forward cannot be answered from a table; the message says why."""
+
+
+class Table:
+    """The outputs of a forward for positions ``0 .. size-1``.
+
+    Attributes:
+        columns: one ``(size, ...)`` tensor per output, row ``p`` for position ``p``.
+        container: ``tuple`` or ``list`` when the forward returns several
+            tensors, None when it returns one (complex ``freqs_cis``).
+        size: positions covered.
+        device: where the columns live (the device of the calls answered).
+        on_cpu: ``device.type == "cpu"`` (read on every call).
+        watch: the frequency state the columns were computed from.
+        forms: ``position_ids.dim()`` -> the Form that answers such calls
+            from these columns (2: planar, 3: multi-axis M-RoPE).
+        bound_check: accelerators only: check positions on the host before
+            gathering (an out-of-range gather is a device-side assert there).
+        needs_update: the rope type changes module state on every call
+            (longrope's long set): the table answers only after that update ran.
+    """
+
+    __slots__ = ("columns", "container", "size", "device", "on_cpu", "watch", "forms", "bound_check", "needs_update")
+
+    def __init__(self, columns, container, size: int, device: torch.device, watch: Watch, bound_check: bool):
+        self.columns = tuple(columns)
+        self.container = container
+        self.size = size
+        self.device = device
+        self.on_cpu = device.type == "cpu"
+        self.watch = watch
+        self.forms: dict = {}
+        self.bound_check = bound_check
+        self.needs_update = False
+
+    def nbytes(self) -> int:
+        """Bytes held: the columns and whatever the forms add."""
+        own = sum(column.numel() * column.element_size() for column in self.columns)
+        return own + sum(form.nbytes() for form in self.forms.values() if form is not None)
+
+    def pack(self, outputs):
+        """``outputs`` in the forward's own structure (one tensor, tuple or list)."""
+        if self.container is None:
+            return outputs[0]
+        return tuple(outputs) if self.container is tuple else self.container(outputs)
+
+
+def table_size(needed: int, cap: int, presize: int | None) -> int:
+    """The size of a table covering ``needed`` positions: ``presize`` when it
+    covers them (sync-free mode), else the next power of two from MIN_TABLE,
+    never above ``cap``."""
+    if presize is not None and needed <= presize:
+        return presize
+    size = MIN_TABLE
+    while size < needed:
+        size *= 2
+    return min(size, cap)

@@ -1,0 +1,363 @@
+"""What a rotary forward reads, recorded while a table is built, and the
+per-call check that it still reads the same: the module's *frequency state*.
+
+A table holds what the forward returned for one frequency state, so it may
+answer a call only while every value the forward read is what it was:
+
+- tensors (buffers, parameters, tensor attributes): the same object, at the
+  same storage address and in-place version counter. Tensors made under
+  ``torch.inference_mode()`` have no version counter: their bits are
+  compared instead (they are small: inv_freq is head_dim/2 numbers).
+- plain values (floats, strings, functions): the same object; containers
+  (lists, dicts, tuples): the same object with equal contents.
+- the module's config: every attribute the forward read through it, as
+  above (a recording stand-in is handed to the forward for ``self.config``).
+
+Grad is part of the check: a tensor the forward read that requires grad
+stops the table while grad mode is on, so autograd records the unpatched
+graph (learnable RoPE parameters, ``inv_freq.requires_grad_()``).
+
+When the check fails, :meth:`Watch.rearmed` compares values: equal copies
+(accelerate's offload hooks swap in a fresh copy of every buffer per call,
+``load_state_dict`` of the same values) keep the table. A read that cannot
+be watched this way (a submodule, a method of the config, an arbitrary
+object) raises :class:`Unwatchable` naming it, and the module is never
+cached.
+
+Not seen: in-place edits through ``.data`` (``t.data.mul_(2)`` bumps no
+version counter; only the values could tell, and comparing them on every
+call costs more than the table saves at decode; see BENCHMARKS.md).
+Assigning ``t.data = other`` is seen (the storage address changes).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import types
+import weakref
+
+import torch
+
+from rope_patch.identity import bits
+
+_MISSING = object()
+#: Marks a value whose identity is enough (immutable).
+_IMMUTABLE = object()
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, staticmethod, classmethod)
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_grad_enabled = torch.is_grad_enabled
+
+
+class Unwatchable(Exception):
+    """The forward reads something whose changes cannot be watched; the
+    message names it."""
+
+
+class Watch:
+    """The frequency state a table was built from, checked per call.
+
+    Attributes:
+        tensors: ``(container, key, tensor, version, address)`` per tensor
+            with a version counter; ``container`` is the module's
+            ``_buffers``, ``_parameters`` or ``__dict__``.
+        inference: ``(container, key, tensor, address, snapshot)`` per
+            inference tensor (no version counter: compared by bits).
+        values: ``(container, key, value, snapshot)`` per other value read;
+            ``snapshot`` is a deep copy for containers, or ``_IMMUTABLE``.
+    """
+
+    __slots__ = ("tensors", "inference", "values", "snapshots")
+
+    def __init__(self, tensors=(), inference=(), values=(), snapshots=None):
+        self.tensors = tuple(tensors)
+        self.inference = tuple(inference)
+        self.values = tuple(values)
+        #: id(tensor) at record time -> a copy of its values, for rearmed().
+        self.snapshots = snapshots or {}
+
+    def holds(self, grad: bool = True) -> bool:
+        """Everything read is unchanged (identity, address and version; bits
+        for inference tensors; contents for containers) and, unless ``grad``
+        is False, no read tensor needs autograd now. The per-call check."""
+        for container, key, tensor, version, address in self.tensors:
+            if container.get(key) is not tensor or tensor._version != version or tensor.data_ptr() != address:
+                return False
+            if grad and tensor.requires_grad and _grad_enabled():
+                return False
+        for container, key, value, snapshot in self.values:
+            if container.get(key, _MISSING) is not value:
+                return False
+            if snapshot is not _IMMUTABLE and value != snapshot:
+                return False
+        for container, key, tensor, address, snapshot in self.inference:
+            if container.get(key) is not tensor or tensor.data_ptr() != address:
+                return False
+            if not torch.equal(bits(tensor), snapshot):
+                return False
+            if grad and tensor.requires_grad and _grad_enabled():
+                return False
+        return True
+
+    def needs_grad(self) -> bool:
+        """Grad is enabled and a tensor the forward read requires it: the
+        call must build the unpatched autograd graph."""
+        return _grad_enabled() and any(entry[2].requires_grad for entry in (*self.tensors, *self.inference))
+
+    def rearmed(self) -> Watch | None:
+        """A Watch of the module's current objects when their values equal
+        the recorded ones (bit for bit), else None. Used on the slow path
+        after :meth:`holds` failed."""
+        tensors, inference = [], []
+        for container, key, tensor, *rest in (*self.tensors, *self.inference):
+            current = container.get(key)
+            if not _same_tensor_values(current, self.snapshots[id(tensor)]):
+                return None
+            if current.requires_grad and _grad_enabled():
+                return None
+            _arm_tensor(container, key, current, tensors, inference)
+        values = []
+        for container, key, value, snapshot in self.values:
+            current = container.get(key, _MISSING)
+            if snapshot is _IMMUTABLE:
+                if current is not value and not (type(current) is type(value) and current == value):
+                    return None
+                values.append((container, key, current, _IMMUTABLE))
+            else:
+                if type(current) is not type(snapshot) or current != snapshot:
+                    return None
+                values.append((container, key, current, snapshot))
+        snapshots = {}
+        for (_, _, old, *_), (_, _, new, *_) in zip((*self.tensors, *self.inference), (*tensors, *inference)):
+            snapshots[id(new)] = self.snapshots[id(old)]
+        return Watch(tensors, inference, values, snapshots)
+
+    def names(self) -> list[str]:
+        """The keys watched, for diagnostics."""
+        return [entry[1] for entry in (*self.tensors, *self.inference, *self.values)]
+
+
+def _arm_tensor(container, key, tensor, tensors: list, inference: list) -> None:
+    if tensor.is_inference():
+        inference.append((container, key, tensor, tensor.data_ptr(), bits(tensor).clone()))
+    else:
+        tensors.append((container, key, tensor, tensor._version, tensor.data_ptr()))
+
+
+def _same_tensor_values(current, snapshot) -> bool:
+    return (
+        isinstance(current, torch.Tensor)
+        and current.dtype == snapshot.dtype
+        and current.shape == snapshot.shape
+        and current.device == snapshot.device
+        and torch.equal(bits(current), bits(snapshot))
+    )
+
+
+# --------------------------------------------------------------------------
+# Recording
+
+
+class Recorder:
+    """Records what a forward reads from ``module`` while it runs in this
+    thread, then gives the :class:`Watch` of it.
+
+    Used as a context manager around the forward call. The module's class is
+    swapped, for the duration, for a subclass whose attribute access records
+    (other threads' reads are not recorded); ``self.config`` is handed out as
+    a recording stand-in.
+    """
+
+    def __init__(self, module):
+        self.module = module
+        self.thread = threading.get_ident()
+        self.tensors: list = []
+        self.inference: list = []
+        self.values: list = []
+        self.snapshots: dict = {}
+        self.problem: str | None = None
+        self._seen: set = set()
+        self._cls = None
+
+    def __enter__(self):
+        cls = type(self.module)
+        _active[id(self.module)] = self
+        try:
+            self.module.__class__ = _recording_class(cls)
+        except TypeError as error:  # a class whose instances cannot change class
+            del _active[id(self.module)]
+            raise Unwatchable(f"its reads cannot be recorded: {error}") from error
+        self._cls = cls
+        return self
+
+    def __exit__(self, *exc):
+        self.module.__class__ = self._cls
+        _active.pop(id(self.module), None)
+        return False
+
+    def watch(self) -> Watch:
+        """What was read, as a Watch; raises Unwatchable naming the first
+        read that cannot be watched."""
+        if self.problem is not None:
+            raise Unwatchable(self.problem)
+        return Watch(self.tensors, self.inference, self.values, self.snapshots)
+
+    # -- called by the recording class and the config stand-in
+
+    def attribute(self, module, name: str, value):
+        """Record ``module.<name>`` read as ``value``; return what the forward gets."""
+        if name.startswith("__"):
+            return value
+        state = object.__getattribute__(module, "__dict__")
+        if name in ("_buffers", "_parameters"):
+            for key, tensor in value.items():
+                if tensor is not None:
+                    self.record(value, key, tensor, f"self.{key}")
+            return value
+        if name == "_modules":
+            self._unwatchable("the forward reads self._modules")
+            return value
+        for container in (state, state.get("_buffers", {}), state.get("_parameters", {})):
+            if name in container:
+                return self.record(container, name, value, f"self.{name}")
+        if name in state.get("_modules", {}):
+            self._unwatchable(f"the forward reads self.{name}, a submodule")
+        return value  # a class attribute: code, not state
+
+    def record(self, container, key, value, label: str):
+        """Record one read of ``container[key]``; return what the forward gets."""
+        marker = (id(container), key)
+        if isinstance(value, torch.Tensor):
+            if marker not in self._seen:
+                self._seen.add(marker)
+                self.snapshots[id(value)] = value.detach().clone()
+                _arm_tensor(container, key, value, self.tensors, self.inference)
+            return value
+        if _is_config(value):
+            self._add_value(marker, container, key, value, _IMMUTABLE)
+            return _ConfigReads(value, self, label)
+        if isinstance(value, _LEAVES) or isinstance(value, _CODE):
+            self._add_value(marker, container, key, value, _IMMUTABLE)
+            return value
+        if isinstance(value, _CONTAINERS):
+            try:
+                snapshot = copy.deepcopy(value)
+                comparable = snapshot == value and not _holds_tensors(value)
+            except Exception:  # noqa: BLE001 - not copyable or comparable: not watchable
+                comparable = False
+            if comparable:
+                self._add_value(marker, container, key, value, snapshot)
+            else:
+                self._unwatchable(f"the forward reads {label}, a {type(value).__name__} that cannot be compared")
+            return value
+        self._unwatchable(f"the forward reads {label}, a {type(value).__name__}")
+        return value
+
+    def missing(self, container, key) -> None:
+        """Record that ``container`` has no ``key`` (the forward relied on that)."""
+        self._add_value((id(container), key), container, key, _MISSING, _IMMUTABLE)
+
+    def _add_value(self, marker, container, key, value, snapshot) -> None:
+        if marker not in self._seen:
+            self._seen.add(marker)
+            self.values.append((container, key, value, snapshot))
+
+    def _unwatchable(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
+
+
+def _holds_tensors(value) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(item, torch.Tensor) or (isinstance(item, _CONTAINERS) and _holds_tensors(item)) for item in items)
+
+
+def _is_config(value) -> bool:
+    try:
+        from transformers.configuration_utils import PretrainedConfig
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(value, PretrainedConfig)
+
+
+class _ConfigReads:
+    """Stands in for ``self.config`` while a table is built: every attribute
+    read goes to the real config and is recorded against its ``__dict__``.
+    ``isinstance`` sees the real class (``__class__``)."""
+
+    __slots__ = ("_config", "_recorder", "_label")
+
+    def __init__(self, config, recorder: Recorder, label: str):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_recorder", recorder)
+        object.__setattr__(self, "_label", label)
+
+    @property
+    def __class__(self):  # noqa: D105 - isinstance() checks see the config's class
+        return type(object.__getattribute__(self, "_config"))
+
+    def __getattr__(self, name):
+        config = object.__getattribute__(self, "_config")
+        recorder = object.__getattribute__(self, "_recorder")
+        label = f"{object.__getattribute__(self, '_label')}.{name}"
+        state = vars(config)
+        key = getattr(type(config), "attribute_map", {}).get(name, name)
+        if key in state:
+            value = getattr(config, name)
+            return recorder.record(state, key, value, label)
+        try:
+            value = getattr(config, name)
+        except AttributeError:
+            recorder.missing(state, key)
+            raise
+        if isinstance(getattr(type(config), name, None), property) or callable(value):
+            recorder._unwatchable(f"the forward calls or computes {label}")
+            return value
+        recorder.missing(state, key)  # a class-level constant, unless the instance sets one later
+        return value
+
+    def __setattr__(self, name, value):
+        recorder = object.__getattribute__(self, "_recorder")
+        recorder._unwatchable(f"the forward writes {object.__getattribute__(self, '_label')}.{name}")
+        setattr(object.__getattribute__(self, "_config"), name, value)
+
+
+#: id(module) -> its Recorder, while one runs.
+_active: dict[int, Recorder] = {}
+_recording_classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _recording_class(cls: type) -> type:
+    """``cls`` with attribute reads recorded for modules being recorded."""
+    recording = _recording_classes.get(cls)
+    if recording is not None:
+        return recording
+    fallback_getattr = getattr(cls, "__getattr__", None)
+
+    def _note(self, name, value):
+        recorder = _active.get(id(self))
+        if recorder is None or recorder.thread != threading.get_ident():
+            return value
+        return recorder.attribute(self, name, value)
+
+    def __getattribute__(self, name):
+        return _note(self, name, super(recording, self).__getattribute__(name))
+
+    def __getattr__(self, name):
+        if fallback_getattr is None:
+            raise AttributeError(name)
+        return _note(self, name, fallback_getattr(self, name))
+
+    recording = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__getattribute__": __getattribute__,
+            "__getattr__": __getattr__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
+    )
+    _recording_classes[cls] = recording
+    return recording
