@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -33,9 +32,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import rope_patch  # noqa: E402
-from rope_patch import mrope  # noqa: E402
+from rope_patch.diagnostics.latency import alternate, threads_scope  # noqa: E402
+from rope_patch.diagnostics.verify import image_prompt_positions  # noqa: E402
 from rope_patch.forward import original_of  # noqa: E402
 from rope_patch.identity import difference  # noqa: E402
+from rope_patch.status import MROPE  # noqa: E402
 
 #: Decode position of the first sequence (after a prompt with an image).
 DECODE_POSITION = 1000
@@ -43,34 +44,8 @@ DECODE_POSITION = 1000
 DECODE_ROW = "decode 3x1x1"
 DECODE_TARGET = 2.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-#: Seconds per timed block, and blocks per variant.
-BLOCK_SECONDS = 0.02
+#: Alternating blocks per variant.
 ROUNDS = 31
-
-
-def per_call_us(function, args, calls: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in range(calls):
-        function(*args)
-    return (time.perf_counter_ns() - start) / calls / 1e3
-
-
-def alternating_medians(variants: dict, rounds: int) -> dict[str, float]:
-    """Median microseconds per call of each ``name -> (function, args)``,
-    timed in alternating blocks (the order rotates every round)."""
-    calls = {}
-    for name, (function, args) in variants.items():
-        once = per_call_us(function, args, 20)
-        calls[name] = max(1, int(BLOCK_SECONDS * 1e6 / max(once, 0.05)))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for index in range(rounds):
-        for name in names[index % len(names) :] + names[: index % len(names)]:
-            function, args = variants[name]
-            samples[name].append(per_call_us(function, args, calls[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def qwen2_5_vl_rotary() -> torch.nn.Module:
@@ -85,18 +60,9 @@ def qwen2_5_vl_rotary() -> torch.nn.Module:
     return Qwen2_5_VLRotaryEmbedding(config=config).eval()
 
 
-def image_prompt_positions(text_before: int, grid: tuple[int, int], text_after: int) -> torch.Tensor:
-    """(3, 1, S) positions as Qwen2-VL's get_rope_index lays them out: text
-    on all axes, then one frame of an image grid (t fixed, h and w walk the
-    grid), then text continuing after the largest position."""
-    height, width = grid
-    text = torch.arange(text_before).expand(3, -1)
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
-    image = torch.stack([torch.zeros_like(rows), rows, cols]) + text_before
-    start = int(image.max()) + 1
-    after = torch.arange(start, start + text_after).expand(3, -1)
-    return torch.cat([text, image, after], dim=1)[:, None].contiguous()
+def answered_mrope(module, dtype) -> bool:
+    """3-D (M-RoPE) calls of ``module`` in ``dtype`` are answered from a table."""
+    return any(MROPE in table.forms for table in rope_patch.cache_info(module).tables if table.dtype == dtype)
 
 
 def cases() -> dict[str, torch.Tensor]:
@@ -104,7 +70,7 @@ def cases() -> dict[str, torch.Tensor]:
     return {
         DECODE_ROW: torch.full((3, 1, 1), DECODE_POSITION),
         "decode 3x4x1": (DECODE_POSITION + deltas)[None, :, None].expand(3, -1, -1).contiguous(),
-        "prefill 3x1x512": image_prompt_positions(100, (16, 16), 156),
+        "prefill 3x1x512": image_prompt_positions(100, (16, 16), 156)[:, None].contiguous(),
     }
 
 
@@ -119,7 +85,6 @@ def main(argv=None) -> int:
     original = original_of(type(module).forward) or type(module).forward
     rounds = 5 if args.quick else ROUNDS
     rows, failed = [], False
-    torch.set_num_threads(args.threads)
     if not rope_patch.patch():
         raise SystemExit("rope_patch.patch() did not patch")
     try:
@@ -132,13 +97,16 @@ def main(argv=None) -> int:
                 expected = original(module, x, positions)
                 for _ in range(3):  # build, learn the axis map, verify, then answer from the table
                     problem = difference(expected, patched(module, x, positions))
-                if problem is not None or 3 not in mrope.answered_axes(module):
+                if problem is not None or not answered_mrope(module, dtype):
                     failed = True
                     print(f"{name} {dtype_name}: not answered from tables: {problem}", file=sys.stderr)
-                medians = alternating_medians(
-                    {"unpatched": (original, (module, x, positions)), "patched": (patched, (module, x, positions))},
-                    rounds,
-                )
+                with threads_scope(args.threads):
+                    samples = alternate(
+                        {"unpatched": (original, (module, x, positions)), "patched": (patched, (module, x, positions))},
+                        "cpu",
+                        rounds=rounds,
+                    )
+                medians = {variant: statistics.median(values) for variant, values in samples.items()}
                 rows.append((name, dtype_name, medians["unpatched"], medians["patched"]))
     finally:
         rope_patch.unpatch()

@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# rope_patch GPU check: bit-identity on CUDA over the whole catalog, latency
-# (exact bound check and sync-free), torch.compile, CUDA graphs, and the
-# deterministic / TF32 numerics, on the installed transformers and, when
-# available, on transformers 4.57.x. Needs no network. Under 5 minutes on one
-# H100/H200.
+# rope_patch GPU check: bit-identity on CUDA over every rotary class, per-call
+# latency (exact bound check and sync-free), torch.compile, CUDA graphs, the
+# deterministic / TF32 numerics, bf16 robustness under deterministic mode, and
+# greedy generate tokens/s (Qwen3-0.6B- and Llama-3-8B-shaped models; eager,
+# eager sync-free, static cache + torch.compile), on the installed
+# transformers and, when available, on transformers 4.57.x (numerics,
+# robustness, identity, latency). Needs no network. About 5 minutes on one
+# H100/H200 (killed at BUDGET + BUDGET_T4 + 70 s, i.e. 380 s, plus start-up
+# and the wheel install); ends with markdown tables to paste into BENCHMARKS.md.
 #
 #   bash benchmarks/gpu_check.sh [LOG] [gpu_check.py options...]
 #
-#   LOG            where everything printed goes (default: gpu_check.log)
-#   options        passed to benchmarks/gpu_check.py, e.g. --device cpu --quick
+#   LOG            where everything printed goes (default: gpu_check.log); the
+#                  table rows also go to LOG without .log + .summary.jsonl
+#   options        passed to benchmarks/gpu_check.py in both runs, e.g.
+#                  --cpu-smoke (CPU, tiny shapes: a dry run in about a minute)
+#                  or --generate-modes eager,sync_free (no compile)
 #
 # Environment:
 #   PYTHON         interpreter with torch + transformers (default: python3)
 #   PYTHON_T4      an interpreter that already has transformers 4.57.x; if unset,
 #                  .whl/t4/*.whl (transformers 4.57.6 and what it checks at
 #                  import time) are installed into a temporary --target folder
-#                  and put first on PYTHONPATH for a second run with $PYTHON
+#                  and put first on PYTHONPATH for a second run with $PYTHON.
+#                  To fill it where a package index is reachable:
+#                    pip download --no-deps -d .whl/t4 transformers==4.57.6 \
+#                        huggingface_hub==0.36.2 tokenizers==0.22.2
+#                  (and carry .whl to the GPU machine)
 #   T4_WHEELS      folder of those wheels (default: .whl/t4)
-#   BUDGET         seconds for the first run (default 150); the 4.57 run gets
+#   BUDGET         seconds for the first run (default 240); the 4.57 run gets
 #                  BUDGET_T4 (default 70)
 #
 # Exit status: 1 if any bit-identity check failed in any run, else 3 if a part
@@ -31,11 +42,13 @@ case $LOG in /*) ;; *) LOG=$PWD/$LOG ;; esac  # relative to where it was started
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
-BUDGET=${BUDGET:-150}
+BUDGET=${BUDGET:-240}
 BUDGET_T4=${BUDGET_T4:-70}
 T4_WHEELS=${T4_WHEELS:-.whl/t4}
+SUMMARY=${LOG%.log}.summary.jsonl
 mkdir -p "$(dirname "$LOG")"
 : > "$LOG"
+: > "$SUMMARY"
 
 say() { echo "$@" | tee -a "$LOG"; }
 
@@ -77,7 +90,7 @@ fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
-run_check "installed transformers" "$((BUDGET + 30))" "$PYTHON" -- --budget "$BUDGET" "$@"
+run_check "installed transformers" "$((BUDGET + 45))" "$PYTHON" -- --budget "$BUDGET" --summary-json "$SUMMARY" "$@"
 record $?
 
 # transformers 4.57.x
@@ -115,7 +128,7 @@ fi
 if [ -n "$T4_PYTHON" ]; then
     if env ${T4_ENV[@]+"${T4_ENV[@]}"} "$T4_PYTHON" -c "import transformers, sys; v = transformers.__version__; print('transformers', v, 'from', transformers.__file__); sys.exit(0 if v.startswith('4.57') else 1)" 2>&1 | tee -a "$LOG"; then
         run_check "transformers 4.57" "$((BUDGET_T4 + 25))" "$T4_PYTHON" ${T4_ENV[@]+"${T4_ENV[@]}"} -- \
-            --budget "$BUDGET_T4" --parts numerics,identity,latency "$@"
+            --budget "$BUDGET_T4" --parts robustness,numerics,identity,latency --summary-json "$SUMMARY" "$@"
         record $?
     else
         say "SKIPPED transformers 4.57: it does not import (see above)"
@@ -123,6 +136,10 @@ if [ -n "$T4_PYTHON" ]; then
     fi
 fi
 
+say ""
+say "######## tables of both runs (paste into BENCHMARKS.md)"
+say ""
+"$PYTHON" benchmarks/gpu_check.py --print-summary "$SUMMARY" 2>&1 | tee -a "$LOG"
 say ""
 say "######## gpu_check overall exit status $worst (1: bit-identity failure, 3: incomplete, 0: ok); log: $LOG"
 exit "$worst"

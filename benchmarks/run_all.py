@@ -30,9 +30,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import torch
+import torch  # noqa: E402
 
-from rope_patch import bench, bench_generate
+from harness import generate as gen  # noqa: E402
+from harness.common import MODEL_TYPES, dtype_name, forward_latency  # noqa: E402
+from harness.imports import ImportRow, import_cost  # noqa: E402
+from harness.machine import machine_description  # noqa: E402
+from harness.memory import MemoryRow, table_memory  # noqa: E402
+from rope_patch.diagnostics.latency import DEFAULT_SHAPES, LatencyRow  # noqa: E402
 
 SECTIONS = ("latency", "generate", "memory", "import")
 
@@ -80,17 +85,24 @@ def shape_name(shape) -> str:
 # --------------------------------------------------------------------------
 
 
-def run_latency(report: Report, quick: bool) -> list[bench.LatencyRow]:
+def run_latency(report: Report, quick: bool) -> list[LatencyRow]:
     default_threads = torch.get_num_threads()
     thread_settings = sorted({1, default_threads})
-    shapes = ((1, 1), (8, 1), (1, 512)) if quick else bench.DEFAULT_SHAPES
+    shapes = ((1, 1), (8, 1), (1, 512)) if quick else DEFAULT_SHAPES
     repeats = 5 if quick else None
     rows = []
     for threads in thread_settings:
-        for model_type in bench.MODEL_TYPES:
+        for model_type in MODEL_TYPES:
             for dtype in (torch.bfloat16, torch.float32):
-                rows += bench.forward_latency(
-                    model_type, "cpu", dtype, shapes, repeats=repeats, threads=threads, progress=progress
+                rows += forward_latency(
+                    model_type,
+                    "cpu",
+                    dtype,
+                    shapes,
+                    repeats=repeats,
+                    threads=threads,
+                    with_disabled=True,
+                    progress=progress,
                 )
     report("## 1. Per-call latency of the rotary forward (CPU)")
     report()
@@ -123,8 +135,8 @@ def run_latency(report: Report, quick: bool) -> list[bench.LatencyRow]:
         [
             [
                 r.threads,
-                r.model_type,
-                r.dtype,
+                r.label,
+                dtype_name(r.dtype),
                 shape_name(r.shape),
                 f"{r.unpatched_us:.1f}",
                 f"{r.patched_us:.1f}",
@@ -139,22 +151,31 @@ def run_latency(report: Report, quick: bool) -> list[bench.LatencyRow]:
         ],
     )
     module_rows = []
-    for model_type in bench.MODEL_TYPES:
+    for model_type in MODEL_TYPES:
         for dtype in (torch.bfloat16, torch.float32):
-            module_rows += bench.forward_latency(
-                model_type, "cpu", dtype, ((1, 1), (8, 1)), repeats=repeats, threads=1, progress=progress, call="module"
+            module_rows += forward_latency(
+                model_type,
+                "cpu",
+                dtype,
+                ((1, 1), (8, 1)),
+                repeats=repeats,
+                threads=1,
+                with_disabled=True,
+                progress=progress,
+                call="module",
             )
     report(
-        "Decode through `nn.Module.__call__` (how a model calls it; one thread, thread CPU time). *unpatched*: an instance of "
+        "Decode through `nn.Module.__call__` (how a model calls it; one thread, thread CPU time). *unpatched*: the "
+        "same instance with its class set to an unpatched subclass (the original forward); *disabled()*: the patched "
+        "module inside `disabled()`."
     )
-    report("an unpatched subclass built from the same config; *disabled()*: the patched module inside `disabled()`.")
     report()
     report.table(
         ["model", "dtype", "shape", "unpatched", "patched", "floor", "speedup", "patched/floor", "disabled()"],
         [
             [
-                r.model_type,
-                r.dtype,
+                r.label,
+                dtype_name(r.dtype),
                 shape_name(r.shape),
                 f"{r.unpatched_us:.1f}",
                 f"{r.patched_us:.1f}",
@@ -169,18 +190,16 @@ def run_latency(report: Report, quick: bool) -> list[bench.LatencyRow]:
     return rows + module_rows
 
 
-def run_generate(report: Report, quick: bool) -> list[bench_generate.GenerateRow]:
+def run_generate(report: Report, quick: bool) -> list[gen.GenerateRow]:
     runs = {"qwen3 2 layers, hidden 128": 4 if quick else 100, "qwen3 4 layers, hidden 512": 3 if quick else 40}
     rows = []
-    for name, overrides in bench_generate.DEFAULT_MODELS.items():
-        rows += bench_generate.generate_throughput(
-            {name: overrides}, new_tokens=64, runs=runs[name], threads=1, progress=progress
-        )
+    for name, overrides in gen.DEFAULT_MODELS.items():
+        rows += gen.generate_throughput({name: overrides}, new_tokens=64, runs=runs[name], threads=1, progress=progress)
     report(f"## 2. End-to-end greedy generate, 64 new tokens (CPU, one thread, fp32, {rows[0].clock})")
     report()
     report(
-        f"Random-weight Qwen3 (head_dim 128, vocabulary {bench_generate.VOCAB}), batch 1, prompt "
-        f"{bench_generate.PROMPT} tokens, EOS suppressed. The same model instance runs unpatched "
+        f"Random-weight Qwen3 (head_dim 128, vocabulary {gen.VOCAB}), batch 1, prompt "
+        f"{gen.PROMPT} tokens, EOS suppressed. The same model instance runs unpatched "
         "(original forward), patched and *floor* (a rotary that only does the two lookups: the ceiling "
         "of any table implementation), in rotating order; tokens compared with the unpatched run. *paired quartiles*: "
         "25th-75th percentile of the per-round speedups (same round, adjacent runs)."
@@ -218,13 +237,13 @@ def run_generate(report: Report, quick: bool) -> list[bench_generate.GenerateRow
     return rows
 
 
-def run_memory(report: Report, quick: bool) -> list[bench.MemoryRow]:
-    rows = bench.table_memory(used=(2048,) if quick else (2048, 2049, 32768), progress=progress)
+def run_memory(report: Report, quick: bool) -> list[MemoryRow]:
+    rows = table_memory(used=(2048,) if quick else (2048, 2049, 32768), progress=progress)
     report("## 3. Table memory")
     report()
     report(
         "Bytes held by one rotary module's tables after a prefill of *used* positions and a decode step "
-        "(`rope_patch.tables.table_bytes(module)`), against the bytes of exactly those positions and the "
+        "(`rope_patch.cache_info(module).bytes`), against the bytes of exactly those positions and the "
         "eager approach of transformers PR #45748 (max_position_embeddings x head_dim x 2 tables x fp32, "
         "held from construction). 2049 is the worst case of the power-of-two growth."
     )
@@ -249,8 +268,8 @@ def run_memory(report: Report, quick: bool) -> list[bench.MemoryRow]:
     return rows
 
 
-def run_import(report: Report, quick: bool) -> bench.ImportRow:
-    row = bench.import_cost(runs=4 if quick else 15, repo_root=REPO, progress=progress)
+def run_import(report: Report, quick: bool) -> ImportRow:
+    row = import_cost(runs=4 if quick else 15, repo_root=REPO, progress=progress)
     report("## 4. Import cost")
     report()
     report(
@@ -303,14 +322,14 @@ def check_targets(report: Report, results: dict) -> None:
         target(
             f"decode per-call speedup >= {DECODE_SPEEDUP:g}x (bf16+fp32, qwen3+llama3, 1x1 and 8x1; {where})",
             worst.speedup >= DECODE_SPEEDUP,
-            f"min {worst.speedup:.2f}x ({worst.model_type} {worst.dtype} {shape_name(worst.shape)}); "
+            f"min {worst.speedup:.2f}x ({worst.label} {dtype_name(worst.dtype)} {shape_name(worst.shape)}); "
             f"max {max(r.speedup for r in decode):.2f}x",
         )
         worst = max(decode, key=lambda r: r.over_floor)
         target(
             f"patched within {DECODE_OVER_FLOOR:g}x of floor at decode ({where})",
             worst.over_floor <= DECODE_OVER_FLOOR,
-            f"max {worst.over_floor:.2f}x ({worst.model_type} {worst.dtype} {shape_name(worst.shape)})",
+            f"max {worst.over_floor:.2f}x ({worst.label} {dtype_name(worst.dtype)} {shape_name(worst.shape)})",
         )
         prefill = [r for r in rows if r.shape == (4, 4096)]
         if prefill:
@@ -318,7 +337,7 @@ def check_targets(report: Report, results: dict) -> None:
             target(
                 f"prefill 4x4096 speedup >= {PREFILL_SPEEDUP:g}x ({where})",
                 worst.speedup >= PREFILL_SPEEDUP,
-                f"min {worst.speedup:.1f}x ({worst.model_type} {worst.dtype})",
+                f"min {worst.speedup:.1f}x ({worst.label} {dtype_name(worst.dtype)})",
             )
     generate = results.get("generate")
     if generate:
@@ -369,7 +388,7 @@ def main(argv=None) -> int:
 
     report = Report(args.output)
     start = time.time()
-    machine = bench.machine_description()
+    machine = machine_description()
     report(f"# rope_patch benchmarks (transformers {machine['transformers']})")
     report()
     report("Command: `" + " ".join([sys.executable] + sys.argv) + "`")
