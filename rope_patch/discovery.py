@@ -17,11 +17,18 @@ import sys
 from types import ModuleType
 
 MODELS_PACKAGE = "transformers.models"
+#: The package transformers loads remote code (trust_remote_code=True) into.
+REMOTE_PACKAGE = "transformers_modules"
 ROTARY_SUFFIX = "RotaryEmbedding"
 #: Modeling modules for other frameworks (transformers 4.x ships TF and Flax
 #: ports beside the torch ones): they define no torch module, and importing
 #: them fails without TensorFlow/JAX, so they are neither hooked nor scanned.
 OTHER_FRAMEWORK_PREFIXES = ("modeling_tf_", "modeling_flax_")
+
+
+#: Calling conventions a table can answer.
+POSITIONS = "positions"  # forward(x, position_ids[, layer_type | seq_len=None])
+PREFIX = "prefix"  # forward(x, seq_len): the outputs for positions 0 .. seq_len-1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +41,18 @@ class RotaryClass:
             ROPE_PATCH_EXCLUDE and ``rope-patch list`` call the model type.
         forward: the function in the class's own ``__dict__`` (None when the
             class inherits its forward).
-        takes_layer_type: the forward has a third ``layer_type`` parameter.
+        convention: POSITIONS or PREFIX (None when unsupported).
+        extra: the forward's parameter after position_ids: ``"layer_type"``
+            (part of the table key), ``"seq_len"`` (ignored by such forwards
+            in transformers 4.x; only calls without it are answered), or None.
         unsupported: why the forward cannot be cached, or None.
     """
 
     cls: type
     model_type: str
     forward: object
-    takes_layer_type: bool
+    convention: str | None
+    extra: str | None
     unsupported: str | None
 
     @property
@@ -51,6 +62,11 @@ class RotaryClass:
     @property
     def module(self) -> str:
         return self.cls.__module__
+
+    @property
+    def takes_layer_type(self) -> bool:
+        """The forward's third parameter is ``layer_type``."""
+        return self.extra == "layer_type"
 
 
 def models_dir() -> str | None:
@@ -111,9 +127,14 @@ def declared_rotary_names(module_name: str) -> list[str]:
 
 
 def model_type_of(module_name: str) -> str:
-    """``transformers.models.qwen3.modeling_qwen3`` -> ``qwen3``."""
+    """``transformers.models.qwen3.modeling_qwen3`` -> ``qwen3``; remote code
+    ``transformers_modules.<repo>.modeling_toy`` -> ``toy`` (its file's name)."""
     parts = module_name.split(".")
-    return parts[2] if len(parts) > 3 and parts[:2] == ["transformers", "models"] else module_name
+    if len(parts) > 3 and parts[:2] == ["transformers", "models"]:
+        return parts[2]
+    if parts[0] == REMOTE_PACKAGE and parts[-1].startswith("modeling_"):
+        return parts[-1][len("modeling_"):]
+    return module_name
 
 
 def rotary_classes(module: ModuleType) -> list[RotaryClass]:
@@ -136,42 +157,61 @@ def rotary_classes(module: ModuleType) -> list[RotaryClass]:
     return found
 
 
+#: Why vision rotaries are left alone (measured by benchmarks/bench_vision.py).
+VISION_REASON = (
+    "vision rotary: called once per image forward, on per-patch coordinates; a table would save "
+    "~0.001% of the vision forward (Qwen2.5-VL-shaped tower): nothing to gain, left unpatched"
+)
+_VISION_NAME = re.compile(r"vision(?!text)|vit(?=rotary)", re.IGNORECASE)
+
+
 def describe(cls: type) -> RotaryClass:
-    """Classify ``cls`` by its forward's signature."""
+    """Classify ``cls`` by its forward's signature; vision rotaries (the
+    class name says Vision or ViT) are left alone (VISION_REASON)."""
     forward = cls.__dict__.get("forward")
-    takes_layer_type, unsupported = _signature_shape(getattr(cls, "forward", None))
+    convention, extra, unsupported = _signature_shape(getattr(cls, "forward", None))
+    if _VISION_NAME.search(cls.__name__):
+        convention, extra, unsupported = None, None, VISION_REASON
     return RotaryClass(
         cls=cls,
         model_type=model_type_of(cls.__module__),
         forward=forward,
-        takes_layer_type=takes_layer_type,
+        convention=convention,
+        extra=extra,
         unsupported=unsupported,
     )
 
 
-def _signature_shape(forward) -> tuple[bool, str | None]:
-    """``(takes_layer_type, reason_if_unsupported)`` for a forward function.
+def _signature_shape(forward) -> tuple[str | None, str | None, str | None]:
+    """``(convention, extra parameter, reason if unsupported)`` for a forward.
 
-    Supported: ``forward(self, x, position_ids)`` and
-    ``forward(self, x, position_ids, layer_type[=None])``; decorators that use
-    functools.wraps (``dynamic_rope_update``, ``torch.no_grad``) are seen
-    through by inspect.signature.
+    Supported: ``forward(self, x, position_ids)``,
+    ``forward(self, x, position_ids, layer_type[=None])``,
+    ``forward(self, x, position_ids, seq_len=None)`` (transformers 4.x Dbrx,
+    RecurrentGemma) and ``forward(self, x, seq_len[=None])`` (4.x Phimoe,
+    remote code of the cos_cached era). Decorators that use functools.wraps
+    (``dynamic_rope_update``, ``torch.no_grad``) are seen through by
+    inspect.signature.
     """
     if forward is None:
-        return False, "no forward method"
+        return None, None, "no forward method"
     try:
         params = list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):
-        return False, "forward has no readable signature"
+        return None, None, "forward has no readable signature"
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if any(p.kind not in positional for p in params):
-        return False, "forward takes *args or keyword-only arguments"
+        return None, None, "forward takes *args or keyword-only arguments"
     names = [p.name for p in params[1:]]  # drop self
+    shown = ", ".join(names)
+    if len(names) == 2 and names[1] == "seq_len":
+        return PREFIX, None, None
     if len(names) < 2 or names[1] != "position_ids":
-        shown = ", ".join(names)
-        return False, f"forward({shown}) takes no (x, position_ids) pair"
+        return None, None, f"forward({shown}) takes no (x, position_ids) pair"
     if len(names) == 2:
-        return False, None
+        return POSITIONS, None, None
     if len(names) == 3 and names[2] == "layer_type":
-        return True, None
-    return False, f"forward({', '.join(names)}) takes arguments beyond (x, position_ids, layer_type)"
+        return POSITIONS, "layer_type", None
+    if len(names) == 3 and names[2] == "seq_len" and params[3].default is None:
+        return POSITIONS, "seq_len", None
+    return None, None, f"forward({shown}) takes arguments beyond (x, position_ids, layer_type)"

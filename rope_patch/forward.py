@@ -3,8 +3,10 @@
 error); ``functools.wraps`` keeps the original on ``__wrapped__``.
 
 The fast path finds the module's table for the call's (device, dtype,
-layer_type) and asks :func:`rope_patch.cache.rule.answering_form` whether it
-may answer; everything else goes to :func:`rope_patch.cache.call`.
+key argument) and asks :func:`rope_patch.cache.rule.answering_form` whether
+it may answer; everything else goes to :func:`rope_patch.cache.call`. One
+factory per calling convention (rope_patch.discovery): ``forward(x,
+position_ids[, layer_type | seq_len=None])`` and ``forward(x, seq_len)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 
 import torch
 
+from rope_patch import discovery
 from rope_patch.cache import call as slow_call
 from rope_patch.cache import rule, states
 
@@ -25,19 +28,25 @@ _MISSING = object()
 MARKER = "__rope_patch_original__"
 
 
-def make_forward(original, takes_layer_type: bool):
+def make_forward(original, rotary: discovery.RotaryClass):
     """A forward that answers from tables and otherwise calls ``original``.
 
     Args:
         original: the class's own forward function.
-        takes_layer_type: the forward's third parameter is ``layer_type``.
+        rotary: the class as discovery describes it (its calling convention).
 
     Returns:
         The replacement function, with ``__wrapped__`` and MARKER set to
         ``original``.
     """
+    if rotary.convention == discovery.PREFIX:
+        return _prefix_forward(original)
+    return _positions_forward(original, rotary.extra)
 
+
+def _positions_forward(original, extra_parameter):
     retired = []  # non-empty once unpatch() left us beneath another wrapper
+    keyed = extra_parameter == "layer_type"
 
     @functools.wraps(original)
     def forward(self, x, position_ids, *args, **kwargs):
@@ -52,13 +61,14 @@ def make_forward(original, takes_layer_type: bool):
             or (type(self).forward is not forward and not _wraps(type(self).forward, forward))
         ):
             return original(self, x, position_ids, *args, **kwargs)
-        if takes_layer_type and len(args) + len(kwargs) == 1:
-            layer_type = args[0] if args else kwargs.get("layer_type", _MISSING)
-            if layer_type is _MISSING:  # an unknown keyword: let the original complain
+        if args or kwargs:
+            value = args[0] if args else kwargs.get(extra_parameter, _MISSING)
+            if extra_parameter is None or len(args) + len(kwargs) != 1 or value is _MISSING:
+                return original(self, x, position_ids, *args, **kwargs)  # let the original judge them
+            if not keyed and value is not None:  # seq_len: answered only when not given
                 return original(self, x, position_ids, *args, **kwargs)
-            extra = (layer_type,)
-        elif args or kwargs:
-            return original(self, x, position_ids, *args, **kwargs)
+            layer_type = value if keyed else None
+            extra = (value,)
         else:
             layer_type = None
             extra = ()
@@ -76,6 +86,38 @@ def make_forward(original, takes_layer_type: bool):
                 return original(self, x, position_ids, *extra)
         return slow_call(self, original, x, position_ids, layer_type, extra)
 
+    return _mark(forward, original, retired)
+
+
+def _prefix_forward(original):
+    retired = []
+
+    @functools.wraps(original)
+    def forward(self, x, *args, **kwargs):
+        seq_len = args[0] if len(args) == 1 and not kwargs else kwargs.get("seq_len") if len(kwargs) == 1 else None
+        if (
+            _steps_aside()
+            or retired
+            or type(seq_len) is not int
+            or type(x) is not _Tensor
+            or (type(self).forward is not forward and not _wraps(type(self).forward, forward))
+        ):
+            return original(self, x, *args, **kwargs)
+        state = states.get(id(self))
+        if state is not None:
+            table = state.tables.get((x.device, x.dtype, None))
+            if table is not None:
+                form = _answering_form(table, x, seq_len)
+                if form is not None:
+                    return form.lookup(self, x, seq_len)
+            elif state.fallback is not None:
+                return original(self, x, seq_len)
+        return slow_call(self, original, x, seq_len, None, ())
+
+    return _mark(forward, original, retired)
+
+
+def _mark(forward, original, retired):
     setattr(forward, MARKER, original)
     forward.__rope_patch_retired__ = retired
     return forward

@@ -18,7 +18,8 @@ class TableInfo:
         forms: the position_ids layouts it answers, each verified against the
             unpatched forward on its first real call: ``"2-D"`` (batch, seq),
             ``"3-D"`` (axes, batch, seq) with the axes kept apart, ``"M-RoPE"``
-            (axes, batch, seq) recomposed or as the model's only form.
+            (axes, batch, seq) recomposed or as the model's only form,
+            ``"seq_len"`` (``forward(x, seq_len)``: the first rows).
     """
 
     device: object
@@ -39,7 +40,8 @@ class CacheInfo:
     """What rope_patch holds for one module.
 
     Attributes:
-        tables: every table held, one per (device, dtype, layer_type).
+        tables: every table held: one per (device, dtype, layer_type), and
+            for longrope a second one (the other frequency set).
         fallback: why the module is computed unpatched for good, or None.
         unpatched: why some calls are computed unpatched while others may be
             answered (a rope type computed per call for one layer type, say).

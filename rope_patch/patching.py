@@ -104,7 +104,36 @@ def patch(
         elif name not in _Registry.hooked:
             _Registry.hooked.add(name)
             wrapt.register_post_import_hook(_on_import, name)
+    # Remote code (trust_remote_code=True): transformers loads it as
+    # transformers_modules.* through dynamic_module_utils.get_class_in_module.
+    for name, module in list(sys.modules.items()):
+        if name.startswith(discovery.REMOTE_PACKAGE + ".") and module is not None:
+            _on_import(module)
+    if _REMOTE_LOADER not in _Registry.hooked:
+        _Registry.hooked.add(_REMOTE_LOADER)
+        wrapt.register_post_import_hook(_hook_remote_code, _REMOTE_LOADER)
     return True
+
+
+_REMOTE_LOADER = "transformers.dynamic_module_utils"
+
+
+def _hook_remote_code(loader_module) -> None:
+    """wrapt post-import hook on transformers.dynamic_module_utils: patch
+    the rotary classes of every remote-code module it loads (when patched).
+    Never raises."""
+    try:
+        wrapt.wrap_function_wrapper(loader_module, "get_class_in_module", _after_remote_class_loaded)
+    except Exception:  # noqa: BLE001 - a transformers without it: remote code stays unpatched
+        logger.debug("rope_patch: cannot hook remote code loading", exc_info=True)
+
+
+def _after_remote_class_loaded(wrapped, instance, args, kwargs):
+    cls = wrapped(*args, **kwargs)
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    if module is not None and settings_module.active is not None:
+        _on_import(module)
+    return cls
 
 
 def unpatch() -> bool:
@@ -240,7 +269,7 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
     if decision.status == Status.CACHED:
         if forward.original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
-            _install(cls, forward.make_forward(original, rotary.takes_layer_type))
+            _install(cls, forward.make_forward(original, rotary))
     elif forward.original_of(resolved) is not None:
         # Excluded or unsupported, but inheriting a wrapped forward: pin the
         # original so this class stays untouched.

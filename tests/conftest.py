@@ -118,3 +118,33 @@ def answered(module) -> bool:
 def answered_forms(module) -> set[str]:
     """The position layouts ``module`` answered from tables ("2-D", "3-D", "M-RoPE")."""
     return {form for table in rope_patch.cache_info(module).tables for form in table.forms}
+
+
+class CallsCos(torch.overrides.TorchFunctionMode):
+    """Records whether any torch ``cos`` ran: the unpatched forward computes
+    one, an answer from a table does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "cos":
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def module_state(module) -> dict:
+    """A module's frequency state, comparable: every attribute, buffer and
+    parameter, tensors as (dtype, shape, bits), others as they are."""
+    from rope_patch.identity import bits
+
+    out = {}
+    for name, value in {**vars(module), **module._buffers, **module._parameters}.items():
+        if name.startswith("_") or isinstance(value, torch.nn.Module):
+            continue
+        if isinstance(value, torch.Tensor):
+            out[name] = (value.dtype, tuple(value.shape), bits(value.detach()).tolist())
+        else:
+            out[name] = value
+    return out

@@ -11,7 +11,7 @@ import torch
 
 import rope_patch
 from rope_patch.cache.table import MIN_TABLE
-from tests.conftest import answered_forms, assert_identical, assert_same_outcome, held_bytes, unpatched
+from tests.conftest import CallsCos, answered_forms, assert_identical, assert_same_outcome, held_bytes, unpatched
 from tests.models import image_prompt_positions, transformers_major
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,19 +68,6 @@ def mrope_cases():
         "int32 3x1x15": first[:, None].to(torch.int32),
         "transposed 3x4x2": torch.randint(0, 50, (3, 2, 4), generator=generator).transpose(1, 2),
     }
-
-
-class CallsCos(torch.overrides.TorchFunctionMode):
-    """Records whether any torch cos ran (the unpatched forward computes one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") == "cos":
-            self.seen = True
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,11 +1,16 @@
-"""Every static rope type is cached and bit-identical on Llama; dynamic and
-longrope keep their per-call semantics (computed unpatched)."""
+"""Every static rope type is cached and bit-identical on Llama; dynamic (NTK)
+and longrope are answered from tables where their state update would change
+nothing, and leave the module in exactly the unpatched state."""
+
+import contextlib
 
 import pytest
 import torch
+import transformers
 
 import rope_patch
-from tests.conftest import answered, assert_identical, unpatched
+from tests.conftest import CallsCos, answered, assert_identical, module_state, unpatched
+from tests import models
 from tests.models import llama_rotary, transformers_major
 
 STATIC = {
@@ -65,35 +70,104 @@ def test_static_rope_types_are_cached_and_identical(patched, rope_type):
     check_all_patterns(module, expect_cached=True)
 
 
-def test_dynamic_ntk_is_computed_per_call(patched):
-    module = llama_rotary({"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=256)
-    x = torch.randn(1, 1, 64)
-    # Grow past max_position_embeddings, then come back: inv_freq changes each way.
-    for length in (16, 600, 16, 1000, 3):
-        positions = torch.arange(length)[None]
-        reference_module = llama_rotary({"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=256)
-        reference_module.load_state_dict(module.state_dict())
-        reference_module.inv_freq = module.inv_freq.clone()
-        reference_module.max_seq_len_cached = module.max_seq_len_cached
-        reference = unpatched(reference_module, x, positions)
-        assert_identical(reference, module(x, positions))
-        assert torch.equal(reference_module.inv_freq, module.inv_freq)  # same side effect
-    info = rope_patch.cache_info(module)
-    assert not info.tables and info.unpatched
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0}
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [2.0 + i for i in range(8)],
+    "original_max_position_embeddings": 256,
+}
+
+
+def longrope_rotary(**overrides):
+    """A Phi-3-style longrope rotary: original maximum 256, maximum 1024."""
+    kwargs = dict(max_position_embeddings=1024, **overrides)
+    if transformers_major() < 5:
+        kwargs["original_max_position_embeddings"] = 256  # 4.57 reads it from the config
+    return llama_rotary(LONGROPE, **kwargs)
+
+
+def follow(module, twin, calls):
+    """Call ``module`` (patched) and ``twin`` (unpatched, same config) with the
+    same sequence of positions: identical outputs and identical module state
+    after every call. Returns whether each call computed cos (False: it was
+    answered from a table)."""
+    computed = []
+    for positions in calls:
+        x = torch.randn(positions.shape[0], positions.shape[1], 64)
+        expected = unpatched(twin, x, positions)
+        with CallsCos() as spy:
+            actual = module(x, positions)
+        assert_identical(expected, actual)
+        assert module_state(module) == module_state(twin), f"state differs after positions up to {int(positions.max())}"
+        computed.append(spy.seen)
+    return computed
+
+
+def test_dynamic_ntk_in_range_calls_are_answered_and_state_follows(patched):
+    module, twin = (llama_rotary(DYNAMIC, max_position_embeddings=256) for _ in range(2))
+    lengths = (16, 17, 40, 600, 601, 16, 17, 1000, 3, 4, 256, 255)
+    computed = follow(module, twin, [torch.arange(n)[None] for n in lengths])
+    # In range and unscaled: from the table (after the first build and check).
+    assert computed[1:3] == [False, False] and computed[6] is False and computed[9] is False
+    # Scaled (past the original maximum, or back at exactly it while scaled): computed.
+    assert computed[3] and computed[4] and computed[7]
+    assert answered(module)
 
 
 def test_longrope_switches_frequency_sets_like_the_original(patched):
-    config = {
-        "rope_type": "longrope",
-        "short_factor": [1.0] * 8,
-        "long_factor": [2.0 + i for i in range(8)],
-        "original_max_position_embeddings": 256,
-        "factor": 4.0,
-    }
-    module = llama_rotary(config, max_position_embeddings=1024)
-    twin = llama_rotary(config, max_position_embeddings=1024)
-    x = torch.randn(1, 1, 64)
-    for length in (10, 700, 10, 300):
-        positions = torch.arange(length)[None]
-        assert_identical(unpatched(twin, x, positions), module(x, positions))
-        assert torch.equal(twin.inv_freq, module.inv_freq)
+    module, twin = longrope_rotary(), longrope_rotary()
+    lengths = (10, 11, 700, 701, 10, 11, 300, 256, 257, 5)
+    computed = follow(module, twin, [torch.arange(n)[None] for n in lengths])
+    # Both sets are answered from tables once seen; switching back reuses the first.
+    assert computed[1] is False and computed[3] is False and computed[4] is False and computed[5] is False
+    assert len(rope_patch.cache_info(module).tables) == 2
+
+
+def test_longrope_batch_with_one_long_row_uses_the_long_set(patched):
+    module, twin = longrope_rotary(), longrope_rotary()
+    calls = [torch.arange(20)[None], torch.tensor([[5, 6, 7], [600, 601, 602]]), torch.tensor([[5, 6, 7], [8, 9, 10]])]
+    follow(module, twin, calls * 2)
+
+
+def tiny_causal_lm(config_class, rope_scaling, original):
+    """A 2-layer random-weight model whose RoPE switches at ``original``."""
+    kwargs = dict(models.TINY, max_position_embeddings=4 * original, pad_token_id=0)
+    if transformers_major() >= 5:
+        kwargs["rope_parameters"] = dict(rope_scaling, rope_theta=10000.0)
+    elif rope_scaling["rope_type"] == "longrope":  # 4.57 Phi3Config takes exactly these three keys
+        kwargs["rope_scaling"] = {"type": "longrope", **{k: rope_scaling[k] for k in ("short_factor", "long_factor")}}
+        kwargs["original_max_position_embeddings"] = original
+    else:
+        kwargs["rope_scaling"] = dict(rope_scaling)
+    if rope_scaling["rope_type"] == "longrope" and transformers_major() >= 5:
+        kwargs["rope_parameters"]["original_max_position_embeddings"] = original
+    config = getattr(transformers, config_class)(**kwargs)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    "config_class, rope_scaling",
+    [("LlamaConfig", DYNAMIC), ("Phi3Config", {**LONGROPE, "short_factor": [1.0] * 8, "long_factor": [3.0] * 8})],
+    ids=["dynamic", "longrope"],
+)
+def test_generate_across_the_switch_point(config_class, rope_scaling, patched):
+    """Prompt below the original maximum, generation past it: identical
+    tokens, scores and rotary state, with the in-range calls from tables."""
+    original = 32
+    rope_scaling = {k: v for k, v in rope_scaling.items() if k != "original_max_position_embeddings"}
+    ids = torch.randint(0, models.TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(3))
+    outputs, states = [], []
+    for patching in (False, True):
+        model = tiny_causal_lm(config_class, rope_scaling, original)
+        with torch.no_grad(), (contextlib.nullcontext() if patching else rope_patch.disabled()):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        outputs.append((out.sequences, torch.stack(out.scores)))
+        states.append(module_state(model.model.rotary_emb))
+        if patching:
+            assert answered(model.model.rotary_emb)
+    assert_identical(outputs[0][0], outputs[1][0])
+    assert_identical(outputs[0][1], outputs[1][1])
+    assert states[0] == states[1]

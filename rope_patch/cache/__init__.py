@@ -30,7 +30,7 @@ def cache_info(module) -> CacheInfo:
     if state is None:
         return CacheInfo(tables=(), fallback=None)
     with state.lock:
-        items = list(state.tables.items())
+        items = list(state.tables.items()) + list(state.spares.items())
         fallback = state.fallback
         unpatched = tuple(sorted(set(state.never.values())))
     rows = []
@@ -41,6 +41,8 @@ def cache_info(module) -> CacheInfo:
 
 
 def _form_name(table, form) -> str:
+    if form.dims == 0:
+        return "seq_len"
     if form.dims == 2:
         return "2-D"
     # Recomposed axes, or the only form the forward takes (4.x Qwen2-VL): the model's M-RoPE.

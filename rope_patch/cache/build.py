@@ -1,11 +1,12 @@
-"""Building a table: the module's own forward run on ``arange`` positions,
-under exact numerics, with its reads recorded (rope_patch.cache.watch)."""
+"""Building a table: the module's own forward run on ``arange`` positions
+(or ``seq_len = size``), under exact numerics, with its reads recorded
+(rope_patch.cache.watch)."""
 
 from __future__ import annotations
 
 import torch
 
-from rope_patch.cache.forms import AxesForm, PlanarForm
+from rope_patch.cache.forms import AxesForm, PlanarForm, PrefixForm
 from rope_patch.cache.numerics import exact_numerics
 from rope_patch.cache.table import NotCacheable, Table
 from rope_patch.cache.watch import Recorder, Unwatchable
@@ -13,33 +14,45 @@ from rope_patch.cache.watch import Recorder, Unwatchable
 _MISSING = object()
 
 
-def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, axes: int = 0) -> Table:
+def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, axes: int = 0, prefix=False) -> Table:
     """A table of ``size`` positions for ``module`` on x's device and dtype.
 
     Args:
-        forward: the class's forward (without the rope type's state update).
+        forward: the class's forward.
         extra: the call's key arguments (``layer_type``).
-        axes: 0 to build from 2-D positions (the table then answers 2-D
-            calls, after probing); else from ``axes`` equal rows of 3-D
-            positions, for forwards that accept only those.
+        axes: build from ``axes`` equal rows of 3-D positions, for forwards
+            that accept only those (0: from 2-D positions; the table then
+            answers 2-D calls, after probing).
+        prefix: the forward takes ``seq_len``: build from ``seq_len = size``.
 
     Raises:
         NotCacheable: the forward raised, returned something that is not a
             tensor or a tuple/list of tensors shaped like the positions,
-            changed the module's state, read something that cannot be
-            watched, or differs on the probe positions.
+            returned slices of its own cache, changed the module's state,
+            read something that cannot be watched, or differs on the probe
+            positions.
     """
     device = x.device
-    form_class = AxesForm if axes else PlanarForm
-    positions = AxesForm.build_positions(size, device, axes) if axes else PlanarForm.build_positions(size, device)
+    if prefix:
+        form_class, index = PrefixForm, size
+    elif axes:
+        form_class, index = AxesForm, AxesForm.build_positions(size, device, axes)
+    else:
+        form_class, index = PlanarForm, PlanarForm.build_positions(size, device)
     before = _snapshot(module)
+    # The activation stands in for its device, dtype and shape only: zeros
+    # (an expanded scalar, no memory). The probe then uses ones and the first
+    # real call the user's values, so a forward that reads x's values (not a
+    # rotary's business) never passes.
+    neutral = x.new_zeros(()).expand(x.shape)
     try:
         with exact_numerics(device.type), Recorder(module) as recorder:
-            out = forward(module, x, positions, *extra)
+            out = forward(module, neutral, index, *extra)
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
-        raise NotCacheable(f"forward on {tuple(positions.shape)} arange positions raised {error!r}") from error
+        shown = f"seq_len={size}" if prefix else f"{tuple(index.shape)} arange positions"
+        raise NotCacheable(f"forward on {shown} raised {error!r}") from error
     finally:
         changed = _restore(module, before)
     if changed:
@@ -49,15 +62,22 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     container, outputs = split_outputs(out)
+    own = _own_cache(module, outputs)
+    if own is not None:
+        raise NotCacheable(f"the forward already answers from its own cache ({own}): nothing to gain")
     columns = form_class.columns_of(outputs, size, device)
     table = Table(columns, container, size, device, watch, bound_check)
     if not axes:
-        form = PlanarForm(table, forward, extra)
+        form = form_class(table, forward, extra)
         form.probe(module, x)
-        table.forms[2] = form
+        table.forms[form.dims] = form
     with exact_numerics(device.type):
         if not watch.holds():
-            raise NotCacheable("the forward changes what it reads (a buffer in place) when called")
+            # Calling it again touched what it reads: only equal values keep
+            # the table (longrope's update copies the same set in place).
+            table.watch = watch.rearmed()
+            if table.watch is None:
+                raise NotCacheable("the forward changes the values it reads when called")
     return table
 
 
@@ -68,6 +88,21 @@ def split_outputs(out):
     if type(out) in (tuple, list) and out and all(isinstance(t, torch.Tensor) for t in out):
         return type(out), list(out)
     raise NotCacheable(f"forward returns {type(out).__name__}, not a tensor or a tuple of tensors")
+
+
+def _own_cache(module, outputs) -> str | None:
+    """The name of a module tensor an output is a view of (a forward that
+    slices its own ``cos_cached``), or None."""
+    storages = {}
+    for name, value in {**vars(module), **module._buffers}.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            storages[value.untyped_storage().data_ptr()] = name
+    for tensor in outputs:
+        if tensor.device.type != "meta":
+            name = storages.get(tensor.untyped_storage().data_ptr())
+            if name is not None:
+                return name
+    return None
 
 
 def _snapshot(module) -> tuple[dict, ...]:

@@ -27,6 +27,7 @@ import torch
 from rope_patch import settings as settings_module
 from rope_patch.cache import rule
 from rope_patch.cache.build import build_table
+from rope_patch.cache.families import family_for
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
 from rope_patch.cache.table import INDEX_DTYPES, NotCacheable, table_size
@@ -43,6 +44,8 @@ class ModuleState:
 
     Attributes:
         tables: (device, dtype, key arguments) -> the Table that answers.
+        spares: (device, dtype, key arguments) -> a table of the rope type's
+            other frequency state (longrope's other set), kept to switch back.
         never: key -> why it is always computed unpatched (a rope type
             whose frequencies change with the positions seen).
         fallback: why this module is never cached, or None.
@@ -51,10 +54,12 @@ class ModuleState:
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("tables", "never", "fallback", "cap", "presize", "lock")
+    __slots__ = ("tables", "spares", "never", "fallback", "cap", "presize", "lock")
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
+        #: key -> a table of another frequency state (longrope's other set)
+        self.spares: dict = {}
         self.never: dict = {}
         self.fallback: str | None = None
         max_positions = max_position_embeddings(module)
@@ -97,6 +102,7 @@ def forget_all() -> None:
         for state in states.values():
             with state.lock:
                 state.tables.clear()
+                state.spares.clear()
                 state.never.clear()
                 state.fallback = None
         observed_fallbacks.clear()
@@ -131,24 +137,11 @@ def max_position_embeddings(module) -> int | None:
     return None
 
 
-def position_dependent_reason(module, layer_type) -> str | None:
-    """Why frequencies of this module change with the positions seen, or None.
-
-    ``dynamic_rope_update`` rewrites inv_freq per call for "dynamic" (NTK)
-    types and switches frequency sets for "longrope": a table would go stale.
-    """
-    rope_type = getattr(module, "rope_type", None)
-    if isinstance(rope_type, dict):
-        rope_type = rope_type.get(layer_type)
-    if isinstance(rope_type, str) and ("dynamic" in rope_type or rope_type == "longrope"):
-        return f"{rope_type} rope type: recomputed per call"
-    return None
-
-
 def _disable(module, state: ModuleState, reason: str) -> None:
     """Stop caching ``module`` for good; warn once per class."""
     state.fallback = reason
     state.tables.clear()
+    state.spares.clear()
     cls = type(module)
     observed_fallbacks.setdefault(cls, reason)
     if cls not in _warned:
@@ -169,7 +162,7 @@ def call(module, original, x, position_ids, layer_type, extra: tuple):
         layer_type: the key argument (None for forwards without one).
         extra: the arguments after position_ids, as the call passed them.
     """
-    if not _plain_positions(x, position_ids):
+    if not _answerable(x, position_ids):
         return original(module, x, position_ids, *extra)
     state = state_for(module)
     if state.fallback is not None:
@@ -178,9 +171,12 @@ def call(module, original, x, position_ids, layer_type, extra: tuple):
         return _answer(state, module, original, x, position_ids, layer_type, extra)
 
 
-def _plain_positions(x, position_ids) -> bool:
+def _answerable(x, position_ids) -> bool:
     """position_ids a table could answer: a non-empty 2-D or 3-D index
-    tensor on x's (real) device, outside CUDA graph capture."""
+    tensor on x's (real) device, or a positive int seq_len; outside CUDA
+    graph capture."""
+    if type(position_ids) is int:
+        return position_ids > 0 and x.device.type != "meta" and not rule.capturing(x.device)
     return (
         position_ids.dim() in (2, 3)
         and position_ids.dtype in INDEX_DTYPES
@@ -191,82 +187,130 @@ def _plain_positions(x, position_ids) -> bool:
     )
 
 
-def _answer(state: ModuleState, module, original, x, position_ids, layer_type, extra: tuple):
-    def unpatched():
-        return original(module, x, position_ids, *extra)
+class _Call:
+    """One call on the slow path: what computes it unpatched, what tables
+    are built from, and how large they may be."""
 
+    __slots__ = ("module", "x", "position_ids", "extra", "forward", "compute", "limit", "family", "layer_type")
+
+    def __init__(self, module, x, position_ids, layer_type, extra, forward, compute, family=None):
+        self.module, self.x, self.position_ids = module, x, position_ids
+        self.layer_type, self.extra = layer_type, extra
+        #: what tables are built and probed from (the class's forward)
+        self.forward = forward
+        #: the unpatched result of this call (after the rope type's update ran)
+        self.compute = compute
+        self.family = family
+        self.limit = None
+
+
+def _answer(state: ModuleState, module, original, x, position_ids, layer_type, extra: tuple):
     key = (x.device, x.dtype, layer_type)
     if key in state.never:
-        return unpatched()
-    reason = position_dependent_reason(module, layer_type)
-    if reason is not None:
-        state.never[key] = reason
-        return unpatched()
+        return original(module, x, position_ids, *extra)
+    family = family_for(module, original, layer_type)
+    if isinstance(family, str):  # a rope type we cannot follow
+        state.never[key] = family
+        return original(module, x, position_ids, *extra)
+    if family is None:
+        call = _Call(module, x, position_ids, layer_type, extra, original,
+                     lambda: original(module, x, position_ids, *extra))
+    else:
+        if type(position_ids) is int or position_ids.dim() != 2:  # tables of changing rope types: 2-D calls only
+            return original(module, x, position_ids, *extra)
+        family.update(module, x, position_ids, *extra)  # transformers' own state update
+        call = _Call(module, x, position_ids, layer_type, extra, original,
+                     lambda: original(module, x, position_ids, *extra), family)
+        if not family.cacheable(module, layer_type):
+            return call.compute()
     table = _current_table(state, key)
     if table is not None and table.watch.needs_grad():
-        return unpatched()  # autograd must see the unpatched graph
-    low, high = _stack(_aminmax(position_ids)).tolist()
-    if low < 0 or high >= state.cap:
-        return unpatched()
+        return call.compute()  # autograd must see the unpatched graph
+    if type(position_ids) is int:
+        low, high = 0, position_ids - 1
+    else:
+        low, high = _stack(_aminmax(position_ids)).tolist()
+    call.limit = family.limit(module, layer_type, high, state.cap) if family else state.cap
+    if low < 0 or high >= call.limit:
+        return call.compute()
     if table is None or high >= table.size:
-        _drop_stale(state)
-        table = _build(state, module, original, x, position_ids, extra, high + 1, unpatched)
-        if table is None:
-            return unpatched()
-        state.tables[key] = table
-    form = _form_for(state, module, original, table, x, position_ids, extra)
+        other_state = state.tables.pop(key, None) if table is None else None
+        _drop_stale(state, key)
+        new = _build(state, call, high + 1)
+        if new is None:
+            return call.compute()
+        if family is not None:
+            new.needs_update = family.needs_update(module, layer_type, new.size)
+            if other_state is not None and family.name == "longrope":
+                state.spares[key] = other_state  # the other frequency set: kept for switching back
+        state.tables[key] = table = new
+    form = _form_for(state, call, table)
     if form is None:
-        return unpatched()
+        return call.compute()
     if not form.verified:
-        return _verify_first_use(state, module, original, table, form, x, position_ids, extra, unpatched)
+        return _verify_first_use(state, call, table, form)
     if rule.answering_form(table, x, position_ids, updated=True) is not form:
-        return unpatched()
+        return call.compute()
     try:
         return form.lookup(module, x, position_ids)
     except (IndexError, RuntimeError):
-        return unpatched()
+        return call.compute()
 
 
 def _current_table(state: ModuleState, key):
-    """The table for ``key`` if the module's frequency state is still its
-    own: unchanged, or changed to equal values (then re-armed); else None."""
+    """The table for ``key`` whose frequency state is the module's now:
+    unchanged, or changed to equal values (then re-armed); the spare (the
+    other longrope set) becomes current when it is the one that matches.
+    None when neither matches."""
     table = state.tables.get(key)
-    if table is None or table.watch.holds(grad=False):
-        return table
-    rearmed = table.watch.rearmed()
-    if rearmed is not None:
-        table.watch = rearmed
-        return table
+    for candidate in (table, state.spares.get(key)):
+        if candidate is None:
+            continue
+        if not candidate.watch.holds(grad=False):
+            rearmed = candidate.watch.rearmed()
+            if rearmed is None:
+                continue
+            candidate.watch = rearmed
+        if candidate is not table:
+            state.spares[key], state.tables[key] = table, candidate
+        return candidate
     return None
 
 
-def _drop_stale(state: ModuleState) -> None:
+def _drop_stale(state: ModuleState, keep) -> None:
     """Forget tables built from frequency state the module no longer has
-    (after ``.to(dtype)`` or a device move), so they do not pin memory."""
-    for key, table in list(state.tables.items()):
-        if not table.watch.holds(grad=False) and table.watch.rearmed() is None:
-            del state.tables[key]
+    (after ``.to(dtype)`` or a device move), so they do not pin memory; the
+    spare of ``keep`` (the call's key) stays."""
+    for tables in (state.tables, state.spares):
+        for key, table in list(tables.items()):
+            if tables is state.spares and key == keep:
+                continue
+            if table is None or (not table.watch.holds(grad=False) and table.watch.rearmed() is None):
+                del tables[key]
 
 
-def _build(state: ModuleState, module, original, x, position_ids, extra, needed: int, unpatched):
+def _build(state: ModuleState, call: _Call, needed: int):
     """A new table covering ``needed`` positions, or None (computed
     unpatched). Raises what the unpatched call raises when a failed build
     turns out to be the call's own fault."""
+    x = call.x
     bound_check = x.device.type != "cpu" and state.presize is None
-    axes = position_ids.shape[0] if position_ids.dim() == 3 else 0
+    prefix = type(call.position_ids) is int
+    axes = call.position_ids.shape[0] if not prefix and call.position_ids.dim() == 3 else 0
 
     def attempt(size):
         try:
-            return build_table(module, original, x, extra, size, bound_check)
+            return build_table(call.module, call.forward, x, call.extra, size, bound_check, prefix=prefix)
         except NotCacheable as planar_error:
             if not axes:
                 raise
             try:  # forwards that accept only 3-D positions (transformers 4.x Qwen2-VL)
-                return build_table(module, original, x, extra, size, bound_check, axes=axes)
+                return build_table(call.module, call.forward, x, call.extra, size, bound_check, axes=axes)
             except NotCacheable as error:
                 raise NotCacheable(f"{planar_error}; from {axes}-axis positions: {error}") from error
 
-    size = table_size(needed, state.cap, state.presize)
+    presize = min(state.presize, call.limit) if state.presize is not None else None
+    size = table_size(needed, call.limit, presize)
     try:
         return attempt(size)
     except NotCacheable as error:
@@ -274,20 +318,24 @@ def _build(state: ModuleState, module, original, x, position_ids, extra, needed:
         # fixed embed_positions) gets a table of exactly ``needed`` positions,
         # and the cap stops there. If the call itself raises, that exception
         # propagates and nothing is disabled.
-        unpatched()
+        call.compute()
         if size > needed:
             state.cap = needed
             try:
                 return attempt(needed)
             except NotCacheable as retry_error:
                 error = retry_error
-        _disable(module, state, str(error))
+        _disable(call.module, state, str(error))
         return None
 
 
-def _form_for(state: ModuleState, module, original, table, x, position_ids, extra):
+def _form_for(state: ModuleState, call: _Call, table):
     """The table's form for this call's layout, learnt on first need; None
     for a layout computed unpatched."""
+    position_ids = call.position_ids
+    if type(position_ids) is int:
+        form = table.forms.get(0)
+        return form if form is not None and position_ids <= table.size else None
     dims = position_ids.dim()
     if dims in table.forms:
         form = table.forms[dims]
@@ -295,30 +343,30 @@ def _form_for(state: ModuleState, module, original, table, x, position_ids, extr
     if dims != 3:  # a table built from 3-axis positions: the forward takes no 2-D ones
         return None
     try:
-        form = axes_form.learn(table, module, original, extra, x, position_ids.shape[0])
+        form = axes_form.learn(table, call.module, call.forward, call.extra, call.x, position_ids.shape[0])
     except NotCacheable as error:
-        _disable(module, state, f"position_ids with {position_ids.shape[0]} axes: {error}")
+        _disable(call.module, state, f"position_ids with {position_ids.shape[0]} axes: {error}")
         return None
     table.forms[dims] = form
     return form
 
 
-def _verify_first_use(state, module, original, table, form, x, position_ids, extra, unpatched):
+def _verify_first_use(state: ModuleState, call: _Call, table, form):
     """Compare the form with the unpatched forward on its first real call."""
-    expected = unpatched()
+    expected = call.compute()
     try:
-        actual = form.lookup(module, x, position_ids)
+        actual = form.lookup(call.module, call.x, call.position_ids)
     except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
-        _disable(module, state, f"table lookup failed: {error!r}")
+        _disable(call.module, state, f"table lookup failed: {error!r}")
         return expected
     problem = difference(expected, actual)
     if problem is not None:
         # Under TF32 or autocast the unpatched value may be rounded; the
         # table holds the exact one, which is what we promise there.
-        with exact_numerics(x.device.type):
-            exact = original(module, x, position_ids, *extra)
+        with exact_numerics(call.x.device.type):
+            exact = call.compute()
         if difference(exact, actual) is not None:
-            _disable(module, state, f"first call differs from the unpatched forward: {problem}")
+            _disable(call.module, state, f"first call differs from the unpatched forward: {problem}")
             return expected
     form.verified = True
-    return actual if rule.answering_form(table, x, position_ids, updated=True) is form else expected
+    return actual if rule.answering_form(table, call.x, call.position_ids, updated=True) is form else expected

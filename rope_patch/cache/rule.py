@@ -88,9 +88,18 @@ def answering_form(table, x, position_ids, updated: bool = False):
     Args:
         table: the table for the call's (device, dtype, key arguments).
         x: the activation (its device and dtype chose the table).
-        position_ids: a plain tensor.
+        position_ids: a plain tensor, or for ``forward(x, seq_len)`` the
+            int seq_len (answered when ``1 <= seq_len <= table.size``, a host
+            check: no sync on accelerators).
         updated: the rope type's state update ran for this call.
     """
+    if type(position_ids) is int:
+        form = table.forms.get(0)
+        if form is None or not form.verified or not 0 < position_ids <= table.size:
+            return None
+        if not table.on_cpu and capturing(table.device):
+            return None
+        return form if table.watch.holds() else None
     form = table.forms.get(position_ids.dim())
     if form is None or not form.verified or (form.axes and position_ids.shape[0] != form.axes):
         return None

@@ -166,18 +166,17 @@ class Recorder:
     Used as a context manager around the forward call. The module's class is
     swapped, for the duration, for a subclass whose attribute access records
     (other threads' reads are not recorded); ``self.config`` is handed out as
-    a recording stand-in.
+    a recording stand-in. What was read is armed when :meth:`watch` is
+    called, after the forward returned: the watch holds the state the
+    forward left (a rope type's update may replace a buffer it read).
     """
 
     def __init__(self, module):
         self.module = module
         self.thread = threading.get_ident()
-        self.tensors: list = []
-        self.inference: list = []
-        self.values: list = []
-        self.snapshots: dict = {}
+        #: (id(container), key) -> (container, key, label), in reading order
+        self.reads: dict = {}
         self.problem: str | None = None
-        self._seen: set = set()
         self._cls = None
 
     def __enter__(self):
@@ -197,11 +196,24 @@ class Recorder:
         return False
 
     def watch(self) -> Watch:
-        """What was read, as a Watch; raises Unwatchable naming the first
-        read that cannot be watched."""
+        """What was read, armed with the current objects, as a Watch; raises
+        Unwatchable naming the first read that cannot be watched."""
         if self.problem is not None:
             raise Unwatchable(self.problem)
-        return Watch(self.tensors, self.inference, self.values, self.snapshots)
+        tensors, inference, values, snapshots = [], [], [], {}
+        for container, key, label in self.reads.values():
+            value = container.get(key, _MISSING)
+            if isinstance(value, torch.Tensor):
+                snapshots[id(value)] = value.detach().clone()
+                _arm_tensor(container, key, value, tensors, inference)
+            elif value is _MISSING or _is_config(value) or isinstance(value, (*_LEAVES, *_CODE)):
+                values.append((container, key, value, _IMMUTABLE))
+            else:
+                snapshot = _snapshot(value)
+                if snapshot is _MISSING:
+                    raise Unwatchable(f"the forward reads {label}, a {type(value).__name__} that cannot be compared")
+                values.append((container, key, value, snapshot))
+        return Watch(tensors, inference, values, snapshots)
 
     # -- called by the recording class and the config stand-in
 
@@ -211,9 +223,8 @@ class Recorder:
             return value
         state = object.__getattribute__(module, "__dict__")
         if name in ("_buffers", "_parameters"):
-            for key, tensor in value.items():
-                if tensor is not None:
-                    self.record(value, key, tensor, f"self.{key}")
+            for key in value:
+                self.record(value, key, value[key], f"self.{key}")
             return value
         if name == "_modules":
             self._unwatchable("the forward reads self._modules")
@@ -227,45 +238,32 @@ class Recorder:
 
     def record(self, container, key, value, label: str):
         """Record one read of ``container[key]``; return what the forward gets."""
-        marker = (id(container), key)
-        if isinstance(value, torch.Tensor):
-            if marker not in self._seen:
-                self._seen.add(marker)
-                self.snapshots[id(value)] = value.detach().clone()
-                _arm_tensor(container, key, value, self.tensors, self.inference)
-            return value
+        self.reads.setdefault((id(container), key), (container, key, label))
         if _is_config(value):
-            self._add_value(marker, container, key, value, _IMMUTABLE)
             return _ConfigReads(value, self, label)
-        if isinstance(value, _LEAVES) or isinstance(value, _CODE):
-            self._add_value(marker, container, key, value, _IMMUTABLE)
-            return value
-        if isinstance(value, _CONTAINERS):
-            try:
-                snapshot = copy.deepcopy(value)
-                comparable = snapshot == value and not _holds_tensors(value)
-            except Exception:  # noqa: BLE001 - not copyable or comparable: not watchable
-                comparable = False
-            if comparable:
-                self._add_value(marker, container, key, value, snapshot)
-            else:
-                self._unwatchable(f"the forward reads {label}, a {type(value).__name__} that cannot be compared")
-            return value
-        self._unwatchable(f"the forward reads {label}, a {type(value).__name__}")
+        if not isinstance(value, (torch.Tensor, *_LEAVES, *_CODE)) and _snapshot(value) is _MISSING:
+            self._unwatchable(f"the forward reads {label}, a {type(value).__name__}")
         return value
 
-    def missing(self, container, key) -> None:
+    def missing(self, container, key, label: str) -> None:
         """Record that ``container`` has no ``key`` (the forward relied on that)."""
-        self._add_value((id(container), key), container, key, _MISSING, _IMMUTABLE)
-
-    def _add_value(self, marker, container, key, value, snapshot) -> None:
-        if marker not in self._seen:
-            self._seen.add(marker)
-            self.values.append((container, key, value, snapshot))
+        self.reads.setdefault((id(container), key), (container, key, label))
 
     def _unwatchable(self, problem: str) -> None:
         if self.problem is None:
             self.problem = problem
+
+
+def _snapshot(value):
+    """A deep copy of a container of plain values that compares equal to it,
+    or _MISSING when there is none (other objects, tensors inside)."""
+    if not isinstance(value, _CONTAINERS) or _holds_tensors(value):
+        return _MISSING
+    try:
+        snapshot = copy.deepcopy(value)
+        return snapshot if snapshot == value else _MISSING
+    except Exception:  # noqa: BLE001 - not copyable or comparable: not watchable
+        return _MISSING
 
 
 def _holds_tensors(value) -> bool:
@@ -309,12 +307,12 @@ class _ConfigReads:
         try:
             value = getattr(config, name)
         except AttributeError:
-            recorder.missing(state, key)
+            recorder.missing(state, key, label)
             raise
         if isinstance(getattr(type(config), name, None), property) or callable(value):
             recorder._unwatchable(f"the forward calls or computes {label}")
             return value
-        recorder.missing(state, key)  # a class-level constant, unless the instance sets one later
+        recorder.missing(state, key, label)  # a class-level constant, unless the instance sets one later
         return value
 
     def __setattr__(self, name, value):
@@ -345,9 +343,17 @@ def _recording_class(cls: type) -> type:
         return _note(self, name, super(recording, self).__getattribute__(name))
 
     def __getattr__(self, name):
-        if fallback_getattr is None:
-            raise AttributeError(name)
-        return _note(self, name, fallback_getattr(self, name))
+        try:
+            if fallback_getattr is None:
+                raise AttributeError(name)
+            value = fallback_getattr(self, name)
+        except AttributeError:
+            recorder = _active.get(id(self))
+            if recorder is not None and recorder.thread == threading.get_ident() and not name.startswith("__"):
+                # getattr(self, name, default): the forward relies on its absence
+                recorder.missing(object.__getattribute__(self, "__dict__"), name, f"self.{name}")
+            raise
+        return _note(self, name, value)
 
     recording = type(
         cls.__name__,

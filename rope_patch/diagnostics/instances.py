@@ -38,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rope_patch.discovery import RotaryClass, describe
+from rope_patch.discovery import PREFIX, RotaryClass, describe
 from rope_patch.forward import original_of
 
 logger = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ def build_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> I
     """
     module = default_instance(rotary, device)
     layer_types = layer_types_of(module)
-    if all(forward_raises(rotary, module, layer_type) for layer_type in layer_types):
+    if rotary.convention != PREFIX and all(forward_raises(rotary, module, layer_type) for layer_type in layer_types):
         repaired = with_matching_mrope_section(module)
         if repaired is not None:
             config, section = repaired

@@ -26,7 +26,7 @@ import torch
 import rope_patch
 from rope_patch import settings as settings_module
 from rope_patch.diagnostics.instances import InstantiationError, build_instance
-from rope_patch.discovery import RotaryClass
+from rope_patch.discovery import PREFIX, RotaryClass
 from rope_patch.identity import difference
 from rope_patch.status import Status, classify, outcome
 
@@ -75,6 +75,12 @@ def position_cases(limit: int, device="cpu") -> dict[str, torch.Tensor]:
         "int32": (torch.arange(9)[None] % top).to(torch.int32),
     }
     return {name: positions.to(device) for name, positions in cases.items()}
+
+
+def seq_len_cases(limit: int) -> dict[str, int]:
+    """Named ``seq_len`` values up to ``limit``, for ``forward(x, seq_len)``."""
+    top = max(2, min(limit, TOP))
+    return {f"seq_len {n}": n for n in sorted({1, 2, 7, 64, 65, top // 2, top})}
 
 
 def mrope_position_cases(limit: int, device="cpu") -> dict[str, torch.Tensor]:
@@ -148,6 +154,12 @@ def verify_class(
     limit = _max_position(module)
     problems: list[str] = []
     kinds = set()
+    if rotary.convention == PREFIX:  # forward(x, seq_len)
+        lengths = {"probe": PROBE_POSITIONS} if cases == "probe" else seq_len_cases(limit)
+        problems = _compare(module, lengths, (), dtypes, device)
+        result = outcome(module)
+        reason = "; ".join(filter(None, (result.reason, built.repair)))
+        return ClassOutcome(rotary, result.status, reason, tuple(problems), False, built.repair)
     for layer_type in built.layer_types:
         extra = () if layer_type is None else (layer_type,)
         if cases == "probe":
@@ -184,7 +196,8 @@ def _compare(module, cases: dict, extra: tuple, dtypes, device) -> list[str]:
     problems = []
     for dtype in dtypes:
         for name, positions in cases.items():
-            x = torch.randn(positions.shape[-2], positions.shape[-1], HIDDEN, device=device).to(dtype)
+            shape = (1, positions, HIDDEN) if type(positions) is int else (*positions.shape[-2:], HIDDEN)
+            x = torch.randn(*shape, device=device).to(dtype)
             where = f"{name} {str(dtype).replace('torch.', '')}" + (f" layer_type={extra[0]}" if extra else "")
             try:
                 with rope_patch.disabled():

@@ -97,6 +97,7 @@ class PlanarForm:
         (shuffled, repeated, transposed, expanded, batch > 1, int32); learn
         the output layout when only strides differ; raise NotCacheable."""
         positions = probe_positions(self.table.size, x.device)
+        x = x.new_ones(()).expand(x.shape)  # other values than the build's: the output must not follow them
         with exact_numerics(x.device.type):
             expected = [(p, self.forward(module, x, p, *self.extra)) for p in positions]
         problems = [difference(want, self.lookup(module, x, p)) for p, want in expected]
@@ -108,7 +109,18 @@ class PlanarForm:
             problems = [difference(want, self.lookup(module, x, p)) for p, want in expected]
         problem = next((p for p in problems if p), None)
         if problem is not None:
+            failing = next(p for (p, _), found in zip(expected, problems) if found)
+            if _reads_values(self.forward, module, x, failing, self.extra, self.lookup(module, x, failing)):
+                raise NotCacheable("its output depends on the values of x, not only on position_ids")
             raise NotCacheable(f"probe positions differ from the unpatched forward: {problem}")
+
+
+def _reads_values(forward, module, x, positions, extra, answer) -> bool:
+    """The forward gives the table's answer for the build's zeros but not for
+    ``x``: it reads the values of x."""
+    with exact_numerics(x.device.type):
+        zeros = forward(module, x.new_zeros(()).expand(x.shape), positions, *extra)
+    return difference(zeros, answer) is None
 
 
 def probe_positions(size: int, device) -> list[torch.Tensor]:
