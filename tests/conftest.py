@@ -14,6 +14,9 @@ from rope_patch.identity import difference
 
 ROPE_VARIABLES = tuple(settings.VARIABLES)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
@@ -75,26 +78,14 @@ def cpu_threads():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the contract test's coverage, when it ran: cached (M-RoPE
-    classes included) / total, why the others are not, and notes on cached
-    ones (a repaired config)."""
-    import sys
-
-    contract = sys.modules.get("tests.test_contract")
-    if contract is None or not contract.contract_outcome.cache_info().currsize:
-        return
-    outcomes = [contract.contract_outcome(rotary) for rotary in contract.CATALOG]
-    counts = {}
-    for result in outcomes:
-        key = f"{result.status}{' (M-RoPE)' if result.mrope and result.status == 'cached' else ''}"
-        counts[key] = counts.get(key, 0) + 1
-    write = terminalreporter.write_line
-    write("")
-    cached = sum(n for key, n in counts.items() if key.startswith("cached"))
-    write(f"rope_patch contract coverage: {cached} cached / {len(outcomes)} classes ({counts})")
-    for result in sorted(outcomes, key=lambda r: (r.rotary.module, r.rotary.name)):
-        if result.status != "cached" or result.repair:
-            write(f"  {result.status!s:12} {result.rotary.module}.{result.rotary.name}: {result.reason}")
+    """Print the contract test's coverage, when its coverage test ran (the
+    lines travel as a user property, so this works under pytest-xdist too)."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, lines in getattr(report, "user_properties", ()):
+            if name == "rope_patch_coverage" and report.when == "call":
+                terminalreporter.write_line("")
+                for line in lines:
+                    terminalreporter.write_line(line)
 
 
 def table_info(module, dtype=torch.float32, layer_type=None, device="cpu"):

@@ -463,3 +463,50 @@ def test_quickstart_example_runs():
     assert "Qwen3RotaryEmbedding: cached" in result.stdout
     assert re.search(r"unpatched: [\d.]+ ms/token", result.stdout)
     assert re.search(r"patched: +[\d.]+ ms/token", result.stdout)
+
+
+# --------------------------------------------------------------------------
+# check
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """Folders with only a config.json: a tiny Qwen3, a Llama with dynamic
+    NTK RoPE, and a Qwen2-VL (a multimodal config with a text sub-config)."""
+    import transformers
+
+    from tests.models import TINY
+
+    root = tmp_path_factory.mktemp("models")
+    configs = {
+        "qwen3": transformers.Qwen3Config(**dict(TINY, head_dim=16)),
+        "llama_dynamic": transformers.LlamaConfig(**dict(TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    }
+    for name, config in configs.items():
+        config.save_pretrained(root / name)
+    return root
+
+
+def test_check_a_model_folder_proves_identity_and_times_it(model_folders):
+    result = invoke("check", str(model_folders / "qwen3"), "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{model_folders / 'qwen3'}: model type qwen3")
+    assert "Qwen3RotaryEmbedding, rope type default: cached" in result.stdout
+    assert "bit-identical to the unpatched forward" in result.stdout
+    timed = [line for line in lines if line.strip().startswith("per call")]
+    assert [line.split()[2] for line in timed] == ["1x1:", "1x512:"] and all(line.endswith("x") for line in timed)
+    assert lines[-1] == "verdict: 1 of 1 rotary classes answered from tables"
+
+
+def test_check_a_config_json_with_a_changing_rope_type(model_folders):
+    rows = json.loads(
+        invoke("check", str(model_folders / "llama_dynamic" / "config.json"), "--no-timing", "--json").stdout
+    )
+    (row,) = [r for r in rows["rotaries"] if r["name"] == "LlamaRotaryEmbedding"]
+    assert row["rope_type"] == "dynamic" and row["status"] == "cached" and row["identical"] is True
+
+
+def test_check_reports_bad_paths():
+    result = invoke("check", "/no/such/model")
+    assert result.exit_code == 2 and "no such file or folder" in result.stderr

@@ -229,18 +229,23 @@ def test_4_a_forward_reading_the_config_follows_config_edits(patched):
     assert_identical(unpatched(module, x, positions), module(x, positions))
 
 
-@pytest.mark.skipif(transformers_major() < 5, reason="transformers 4.x Phimoe takes seq_len, not position_ids")
 def test_4_phimoe_follows_edits_of_its_config(patched):
+    """Phimoe's forward reads its config on every call (5.x: forward(x,
+    position_ids); 4.57: forward(x, seq_len))."""
     from transformers.models.phimoe import modeling_phimoe
 
     config = transformers.PhimoeConfig(**dict(models.TINY, num_local_experts=2))
     module = modeling_phimoe.PhimoeRotaryEmbedding(config)
-    x, positions = torch.randn(1, 4, 64), torch.tensor([[0, 7, 70, 700]])
-    assert_identical(unpatched(module, x, positions), module(x, positions))
-    module.config.rope_parameters["rope_theta"] = 1234.0
-    assert_identical(unpatched(module, x, positions), module(x, positions))
-    info = rope_patch.cache_info(module)
-    assert info.answered or info.fallback, info
+    x = torch.randn(1, 4, 64)
+    args = (torch.tensor([[0, 7, 70, 700]]),) if transformers_major() >= 5 else (701,)
+    assert_identical(unpatched(module, x, *args), module(x, *args))
+    assert_identical(unpatched(module, x, *args), module(x, *args))
+    assert answered(module)
+    if transformers_major() >= 5:
+        module.config.rope_parameters["rope_theta"] = 1234.0
+    else:
+        module.config.rope_theta = 1234.0
+    assert_identical(unpatched(module, x, *args), module(x, *args))
 
 
 def test_5_offload_hooks_swapping_in_equal_buffers_keep_the_table(patched, monkeypatch):

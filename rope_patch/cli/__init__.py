@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from rope_patch.cli.bench import bench_command
+from rope_patch.cli.check import check_command
 from rope_patch.cli.info import info_command, version_line
 from rope_patch.cli.listing import list_command
 from rope_patch.cli.run import run_command
@@ -39,5 +40,6 @@ main.add_command(list_command)
 main.add_command(info_command)
 main.add_command(run_command)
 main.add_command(bench_command)
+main.add_command(check_command)
 
 __all__ = ["main"]

@@ -496,6 +496,24 @@ def build_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> I
     return Instance(module, layer_types)
 
 
+def instance_from_config(rotary: RotaryClass, config, device: str | torch.device = "cpu") -> Instance:
+    """Build ``rotary.cls`` from a given config (a user's model config): the
+    config or the member of its family (sub-configs, text config) that fits
+    the rotary best (see :func:`_rank_family`), no repairs.
+
+    Raises:
+        InstantiationError: no member of the config's family builds it.
+    """
+    problems: list[str] = []
+    family, text_ids = _config_family(config)
+    for member in _rank_family(rotary, family, text_ids, _wanted_config_classes(rotary.cls)):
+        module = _build(rotary, member, device, problems, type(member).__name__)
+        if module is not None:
+            module = module.to(device).eval()
+            return Instance(module, layer_types_of(module))
+    raise InstantiationError(f"{rotary.name}: " + ("; ".join(problems) or "no config in the family fits"))
+
+
 # --------------------------------------------------------------------------
 # Layer types and the probe
 

@@ -25,7 +25,7 @@ import torch
 
 import rope_patch
 from rope_patch import settings as settings_module
-from rope_patch.diagnostics.instances import InstantiationError, build_instance
+from rope_patch.diagnostics.instances import Instance, InstantiationError, build_instance
 from rope_patch.discovery import PREFIX, RotaryClass
 from rope_patch.identity import difference
 from rope_patch.status import Status, classify, outcome
@@ -150,6 +150,12 @@ def verify_class(
         built = build_instance(rotary, device)
     except InstantiationError as error:
         return ClassOutcome(rotary, Status.FALLBACK, f"not instantiated: {error}", built=False)
+    return verify_instance(rotary, built, device, dtypes, cases)
+
+
+def verify_instance(rotary: RotaryClass, built: Instance, device="cpu", dtypes=(torch.float32,), cases="all"):
+    """:func:`verify_class` on an instance already built (``rope-patch check``
+    builds it from the user's config)."""
     module = built.module
     limit = _max_position(module)
     problems: list[str] = []

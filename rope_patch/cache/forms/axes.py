@@ -10,11 +10,17 @@ value of one axis ``a(j)``::
 
     out[b, s, j] = table[position_ids[a(j), b, s], j]
 
-which is one ``gather`` per output with the index ``position_ids[a(j)]``
-laid out per column: no memory beyond the table itself. Forwards that keep
-the axis dimension (the transformers 4.x Qwen2-VL family, which recomposes
-in attention; position-elementwise Llama-shaped forwards, which treat it as
-one more batch dimension) are one plain gather::
+A call gathers each axis's rows of the table viewed as integers (``(axes,
+batch, seq, dim)``), keeps in each column only the bits of its axis (a
+bitwise AND with a precomputed all-ones/all-zeros mask per axis) and adds
+the axes up as integers: every column is one row's bits plus zeros, so the
+result is exact for every bit pattern (-0.0, NaN payloads), unlike a
+masked sum of floats. Nothing is held beyond the table and one mask row
+per axis. (A per-element gather or ``torch.where`` is as exact but several
+times slower on CPU at prefill.) Forwards that keep the axis dimension (the
+transformers 4.x Qwen2-VL family, which recomposes in attention;
+position-elementwise Llama-shaped forwards, which treat it as one more batch
+dimension) are one plain gather::
 
     out[a, b, s] = table[position_ids[a, b, s]]
 
@@ -46,7 +52,7 @@ from rope_patch.identity import bits, difference
 logger = logging.getLogger(__name__)
 
 _embedding = torch.embedding
-_int64 = torch.int64
+_bitwise_and = torch.bitwise_and
 
 #: Learning positions per axis at most: enough to cover the table's range,
 #: few enough that learning costs about one small forward.
@@ -60,18 +66,28 @@ class AxesForm:
         axes: the number of axes (rows of position_ids) it answers.
         maps: None when the output keeps the axis dimension (a plain
             gather). Else, per output, a ``(dim,)`` int64 tensor: the axis
-            each column reads; outputs with equal maps share one tensor,
-            so a call builds each gather index once.
+            each column reads.
+        keep: per output (None when ``maps`` is), ``(axes, 1, 1, dim)``
+            integers, all ones in the columns an axis feeds and zero
+            elsewhere; outputs with equal maps and widths share one.
         verified: its first real call matched the unpatched forward.
     """
 
     dims = 3
-    __slots__ = ("table", "axes", "maps", "verified")
+    __slots__ = ("table", "axes", "maps", "keep", "bits", "verified")
 
     def __init__(self, table, axes: int, maps=None):
         self.table = table
         self.axes = axes
         self.maps = maps
+        self.keep = self.bits = None
+        if maps is not None:
+            self.bits = tuple(bits(column) for column in table.columns)  # views: no memory
+            shared: dict = {}
+            self.keep = tuple(
+                shared.setdefault((id(axis_of), view.dtype), _keep_masks(axis_of, axes, view.dtype))
+                for axis_of, view in zip(maps, self.bits)
+            )
         self.verified = False
 
     @staticmethod
@@ -103,28 +119,28 @@ class AxesForm:
         return columns
 
     def nbytes(self) -> int:
-        return sum(m.numel() * m.element_size() for m in {id(m): m for m in self.maps or ()}.values())
+        unique = {id(keep): keep for keep in self.keep or ()}
+        return sum(keep.numel() * keep.element_size() for keep in unique.values())
 
     def lookup(self, module, x, position_ids):
         """The forward's output for ``position_ids``. Raises IndexError or
         RuntimeError on CPU for positions outside the table."""
-        columns = self.table.columns
         if self.maps is None:
             planar = self.table.forms.get(2)
             if planar is not None:  # the axis is one more batch dimension (and layouts follow the input)
                 return planar.lookup(module, x, position_ids)
-            return self.table.pack([_embedding(column, position_ids) for column in columns])
-        batch, seq = position_ids.shape[1], position_ids.shape[2]
-        out, index, last = [], None, None
-        for column, axis_of in zip(columns, self.maps):
-            if axis_of is not last:
-                # (dim, batch, seq) -> (batch * seq, dim): per column, its axis's positions.
-                index = position_ids.index_select(0, axis_of).permute(1, 2, 0).reshape(-1, axis_of.shape[0])
-                if index.dtype is not _int64:
-                    index = index.to(_int64)
-                last = axis_of
-            out.append(column.gather(0, index).view(batch, seq, -1))
+            return self.table.pack([_embedding(column, position_ids) for column in self.table.columns])
+        out = []
+        for view, keep, column in zip(self.bits, self.keep, self.table.columns):
+            rows = _bitwise_and(_embedding(view, position_ids), keep)  # each column: its axis's bits, else 0
+            out.append(rows.sum(0, dtype=view.dtype).view(column.dtype))
         return self.table.pack(out)
+
+
+def _keep_masks(axis_of: torch.Tensor, axes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(axes, 1, 1, dim)`` of ``dtype``: -1 (all bits) where a column reads that axis, else 0."""
+    ones, zeros = torch.tensor(-1, dtype=dtype), torch.tensor(0, dtype=dtype)
+    return torch.stack([torch.where(axis_of == axis, ones, zeros) for axis in range(axes)]).view(axes, 1, 1, -1)
 
 
 def learn(table, module, forward, extra: tuple, x, axes: int) -> AxesForm | None:

@@ -1,0 +1,204 @@
+"""``rope-patch check PATH``: does rope_patch help *my* model?
+
+PATH is a model folder (its ``config.json``; no weights needed) or a
+``config.json``. The command finds the rotary classes the config's model
+uses (its modeling module, the modules of its sub-configs, or its remote
+code with ``--trust-remote-code``), builds each from *that* config, and
+reports what rope_patch does with it there: the rope type, answered from
+tables or why not, bit-identity proven against the unpatched forward on
+``--device`` / ``--dtype`` (rope_patch.diagnostics.verify), and the per-call
+speed-up at decode and prefill (rope_patch.diagnostics.latency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+
+import click
+
+import rope_patch
+from rope_patch.cli._common import DEVICES, DTYPES, check_device, quiet, torch_dtype
+from rope_patch.cli.listing import _model_code_contained, _patched_like_auto
+from rope_patch.status import Status, classify
+
+#: Shapes timed: decode of one token, a 512-token prefill.
+TIMED_SHAPES = ((1, 1), (1, 512))
+
+
+@dataclasses.dataclass
+class Finding:
+    """One rotary class of the model, as checked."""
+
+    name: str
+    module: str
+    status: str
+    reason: str = ""
+    rope_type: object = None
+    identical: bool | None = None
+    problems: list = dataclasses.field(default_factory=list)
+    timing: list = dataclasses.field(default_factory=list)
+    timing_note: str = ""
+
+
+def load_config(path: str, trust_remote_code: bool):
+    """The config at ``path`` (a folder with config.json, or the file)."""
+    import transformers
+
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path}: no such file or folder", param_hint="PATH")
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise click.BadParameter(f"{path}: no config.json in this folder", param_hint="PATH")
+    try:
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), folder
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise click.UsageError(f"{path} uses remote code: pass --trust-remote-code to load it") from None
+        raise click.UsageError(f"{path}: not a transformers config: {error}") from None
+    except OSError as error:
+        raise click.UsageError(f"{path}: {error}") from None
+
+
+def model_modules(config, folder: str, trust_remote_code: bool) -> list:
+    """The modules that define the model of ``config`` and of its sub-configs."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    from rope_patch.diagnostics.instances import _config_family
+
+    modules = []
+    family, _ = _config_family(config)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if auto_map and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        for reference in auto_map.values():
+            if isinstance(reference, str) and reference.split(".")[0].startswith("modeling"):
+                cls = get_class_from_dynamic_module(reference, folder)
+                modules.append(sys.modules[cls.__module__])
+    for member in family:
+        class_name = MODEL_MAPPING_NAMES.get(getattr(member, "model_type", None) or "")
+        if not class_name:
+            continue
+        import transformers
+
+        try:
+            cls = getattr(transformers, class_name)
+        except (AttributeError, ImportError):
+            continue
+        modules.append(importlib.import_module(cls.__module__))
+    return list({id(module): module for module in modules}.values())
+
+
+def check_model(config, folder, device: str, dtype: str, trust_remote_code: bool, timing: bool) -> list[Finding]:
+    """One Finding per rotary class of the model (patching must be active)."""
+    from rope_patch import settings as settings_module
+    from rope_patch.diagnostics import latency
+    from rope_patch.diagnostics.instances import InstantiationError, instance_from_config
+    from rope_patch.diagnostics.verify import verify_instance
+    from rope_patch.discovery import POSITIONS, rotary_classes
+
+    findings = []
+    for module in model_modules(config, folder, trust_remote_code):
+        for rotary in rotary_classes(module):
+            rope_patch.patch_class(rotary.cls)  # remote code loaded just now, or a class the hooks missed
+            decision = classify(rotary, settings_module.active)
+            finding = Finding(rotary.name, rotary.module, str(decision.status), decision.reason)
+            findings.append(finding)
+            if decision.status is not Status.CACHED:
+                continue
+            try:
+                built = instance_from_config(rotary, config, device)
+            except InstantiationError as error:
+                finding.status, finding.reason = "not used", f"cannot be built from this config: {error}"
+                continue
+            finding.rope_type = getattr(built.module, "rope_type", None)
+            result = verify_instance(rotary, built, device, (torch_dtype(dtype),))
+            finding.status, finding.reason = str(result.status), result.reason
+            finding.identical, finding.problems = not result.problems, list(result.problems)
+            if timing and result.status is Status.CACHED and not result.problems:
+                if rotary.convention != POSITIONS:
+                    finding.timing_note = "not timed: the timing covers forward(x, position_ids) only"
+                    continue
+                layer_type = built.layer_types[0]
+                try:
+                    finding.timing = latency.measure(
+                        built.module, torch_dtype(dtype), TIMED_SHAPES, device=device, layer_type=layer_type
+                    )
+                except (RuntimeError, AssertionError) as error:
+                    finding.timing_note = f"not timed: {error}"
+    return findings
+
+
+def render(findings, config, path, device, dtype) -> list[str]:
+    import transformers
+
+    lines = [f"{path}: model type {config.model_type} (transformers {transformers.__version__}), on {device} {dtype}"]
+    if not findings:
+        lines.append("no rotary embedding class found for this model type: rope_patch does nothing for it")
+        return lines
+    for finding in findings:
+        rope_type = f", rope type {finding.rope_type}" if finding.rope_type is not None else ""
+        lines.append(f"{finding.name}{rope_type}: {finding.status}" + (f" ({finding.reason})" if finding.reason else ""))
+        if finding.identical is not None:
+            if finding.identical:
+                lines.append("  bit-identical to the unpatched forward (decode, prefill, batch, random, repeated, int32)")
+            else:
+                lines += ["  MISMATCH:"] + [f"    {problem}" for problem in finding.problems]
+        for row in finding.timing:
+            lines.append(
+                f"  per call {row.shape[0]}x{row.shape[1]}: unpatched {row.unpatched_us:.1f} us, patched "
+                f"{row.patched_us:.1f} us: {row.speedup:.2f}x"
+            )
+        if finding.timing_note:
+            lines.append(f"  {finding.timing_note}")
+    cached = [f for f in findings if f.status == "cached"]
+    lines.append(
+        f"verdict: {len(cached)} of {len(findings)} rotary classes answered from tables"
+        + ("" if cached else ": rope_patch does not speed up this model")
+    )
+    return lines
+
+
+@click.command("check", short_help="Does rope_patch help my model? (a model folder or config.json)")
+@click.argument("path")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Load the model's own code (auto_map), as transformers would.")
+@click.option("--no-timing", is_flag=True, help="Skip the per-call timing (a few seconds per class).")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
+    """For the model at PATH (a folder with config.json, or a config.json;
+    no weights needed): which rotary classes and rope types its config gets,
+    whether rope_patch answers them from tables (and why not), bit-identity
+    proven on a rotary built from that exact config, and the per-call
+    speed-up there. Exits 1 on a mismatch."""
+    check_device(device)
+    with _model_code_contained(), quiet("rope_patch.diagnostics"):
+        config, folder = load_config(path, trust_remote_code)
+        with _patched_like_auto():
+            if not rope_patch.is_patched():
+                raise click.UsageError("rope_patch is not patching here (ROPE_PATCH_DISABLE, or unsupported versions)")
+            findings = check_model(config, folder, device, dtype, trust_remote_code, timing=not no_timing)
+    if as_json:
+        rows = []
+        for finding in findings:
+            row = dataclasses.asdict(finding)
+            row["rope_type"] = finding.rope_type if isinstance(finding.rope_type, (str, dict, type(None))) else str(
+                finding.rope_type
+            )
+            row["timing"] = [
+                {"shape": list(r.shape), "unpatched_us": r.unpatched_us, "patched_us": r.patched_us}
+                for r in finding.timing
+            ]
+            rows.append(row)
+        click.echo(json.dumps({"model_type": config.model_type, "device": device, "dtype": dtype, "rotaries": rows},
+                              indent=2))
+    else:
+        for line in render(findings, config, path, device, dtype):
+            click.echo(line)
+    if any(f.identical is False for f in findings):
+        sys.exit(1)
