@@ -3,7 +3,7 @@ the ``*RotaryEmbedding`` classes a module defines, with their static shape.
 
 Eligibility is decided from the class itself (its forward's signature), never
 from a hand-kept list; what the forward returns is checked at run time by
-:mod:`rope_patch.tables`.
+:mod:`rope_patch.cache`.
 """
 
 from __future__ import annotations
@@ -157,21 +157,28 @@ def rotary_classes(module: ModuleType) -> list[RotaryClass]:
     return found
 
 
-#: Why vision rotaries are left alone (measured by benchmarks/bench_vision.py).
+#: Why vision rotaries on per-patch coordinates are not answered from tables
+#: (measured by benchmarks/bench_vision.py).
 VISION_REASON = (
-    "vision rotary: called once per image forward, on per-patch coordinates; a table would save "
-    "~0.001% of the vision forward (Qwen2.5-VL-shaped tower): nothing to gain, left unpatched"
+    "vision rotary on per-patch coordinates, called once per image forward: a table would save "
+    "~0.001% of the vision forward (Qwen2.5-VL-shaped tower), nothing to gain"
 )
 _VISION_NAME = re.compile(r"vision(?!text)|vit(?=rotary)", re.IGNORECASE)
 
 
+def is_vision(cls: type) -> bool:
+    """The class name says it is a vision rotary (Vision, ViT; not VisionText)."""
+    return bool(_VISION_NAME.search(cls.__name__))
+
+
 def describe(cls: type) -> RotaryClass:
-    """Classify ``cls`` by its forward's signature; vision rotaries (the
-    class name says Vision or ViT) are left alone (VISION_REASON)."""
+    """Classify ``cls`` by its forward's signature. A vision rotary whose
+    signature no table can answer gets VISION_REASON (the reason that
+    matters); one that takes per-position ids is patched like any other."""
     forward = cls.__dict__.get("forward")
     convention, extra, unsupported = _signature_shape(getattr(cls, "forward", None))
-    if _VISION_NAME.search(cls.__name__):
-        convention, extra, unsupported = None, None, VISION_REASON
+    if unsupported and is_vision(cls):
+        unsupported = VISION_REASON
     return RotaryClass(
         cls=cls,
         model_type=model_type_of(cls.__module__),

@@ -30,7 +30,8 @@ from rope_patch.cache.build import build_table
 from rope_patch.cache.families import family_for
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
-from rope_patch.cache.table import INDEX_DTYPES, NotCacheable, table_size
+from rope_patch.cache.table import INDEX_DTYPES, NotCacheable, NotPerPosition, table_size
+from rope_patch.discovery import VISION_REASON, is_vision
 from rope_patch.identity import difference
 
 logger = logging.getLogger("rope_patch.cache")
@@ -314,19 +315,21 @@ def _build(state: ModuleState, call: _Call, needed: int):
     try:
         return attempt(size)
     except NotCacheable as error:
-        # A forward whose own range ends before the rounded-up size (GPT-J's
-        # fixed embed_positions) gets a table of exactly ``needed`` positions,
-        # and the cap stops there. If the call itself raises, that exception
-        # propagates and nothing is disabled.
-        call.compute()
-        if size > needed:
-            state.cap = needed
-            try:
-                return attempt(needed)
-            except NotCacheable as retry_error:
-                error = retry_error
-        _disable(call.module, state, str(error))
-        return None
+        problem = error
+    # A forward whose own range ends before the rounded-up size (GPT-J's fixed
+    # embed_positions) gets a table of exactly ``needed`` positions, and the
+    # cap stops there. If the call itself raises, that exception propagates
+    # and nothing is disabled.
+    call.compute()
+    if size > needed:
+        state.cap = needed
+        try:
+            return attempt(needed)
+        except NotCacheable as error:
+            problem = error
+    vision = isinstance(problem, NotPerPosition) and is_vision(type(call.module))
+    _disable(call.module, state, VISION_REASON if vision else str(problem))
+    return None
 
 
 def _form_for(state: ModuleState, call: _Call, table):

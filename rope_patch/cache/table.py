@@ -17,6 +17,11 @@ class NotCacheable(Exception):
     """The forward cannot be answered from a table; the message says why."""
 
 
+class NotPerPosition(NotCacheable):
+    """The forward's output is not one row per position (a vision rotary on
+    per-patch coordinates, say)."""
+
+
 class Table:
     """The outputs of a forward for positions ``0 .. size-1``.
 

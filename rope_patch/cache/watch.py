@@ -68,7 +68,7 @@ class Watch:
             ``snapshot`` is a deep copy for containers, or ``_IMMUTABLE``.
     """
 
-    __slots__ = ("tensors", "inference", "values", "snapshots")
+    __slots__ = ("tensors", "inference", "values", "snapshots", "holds")
 
     def __init__(self, tensors=(), inference=(), values=(), snapshots=None):
         self.tensors = tuple(tensors)
@@ -76,8 +76,11 @@ class Watch:
         self.values = tuple(values)
         #: id(tensor) at record time -> a copy of its values, for rearmed().
         self.snapshots = snapshots or {}
+        #: the per-call check (see check()); the common shape, one buffer and
+        #: a few plain values, gets a loop-free version of it
+        self.holds = _one_buffer_check(self) or self.check
 
-    def holds(self, grad: bool = True) -> bool:
+    def check(self, grad: bool = True) -> bool:
         """Everything read is unchanged (identity, address and version; bits
         for inference tensors; contents for containers) and, unless ``grad``
         is False, no read tensor needs autograd now. The per-call check."""
@@ -136,6 +139,28 @@ class Watch:
     def names(self) -> list[str]:
         """The keys watched, for diagnostics."""
         return [entry[1] for entry in (*self.tensors, *self.inference, *self.values)]
+
+
+def _one_buffer_check(watch: Watch):
+    """:meth:`Watch.check` for one versioned tensor and immutable values (a
+    Llama-shaped rotary: inv_freq, attention_scaling, rope_type), without
+    loops over tuples: the per-call cost is the fast path's largest part."""
+    if len(watch.tensors) != 1 or watch.inference or any(snap is not _IMMUTABLE for *_, snap in watch.values):
+        return None
+    ((container, key, tensor, version, address),) = watch.tensors
+    values = tuple((c, k, v) for c, k, v, _ in watch.values)
+
+    def holds(grad: bool = True) -> bool:
+        if container.get(key) is not tensor or tensor._version != version or tensor.data_ptr() != address:
+            return False
+        if grad and tensor.requires_grad and _grad_enabled():
+            return False
+        for c, k, v in values:
+            if c.get(k, _MISSING) is not v:
+                return False
+        return True
+
+    return holds
 
 
 def _arm_tensor(container, key, tensor, tensors: list, inference: list) -> None:
@@ -227,13 +252,13 @@ class Recorder:
                 self.record(value, key, value[key], f"self.{key}")
             return value
         if name == "_modules":
-            self._unwatchable("the forward reads self._modules")
+            self.unwatchable("the forward reads self._modules")
             return value
         for container in (state, state.get("_buffers", {}), state.get("_parameters", {})):
             if name in container:
                 return self.record(container, name, value, f"self.{name}")
         if name in state.get("_modules", {}):
-            self._unwatchable(f"the forward reads self.{name}, a submodule")
+            self.unwatchable(f"the forward reads self.{name}, a submodule")
         return value  # a class attribute: code, not state
 
     def record(self, container, key, value, label: str):
@@ -242,14 +267,14 @@ class Recorder:
         if _is_config(value):
             return _ConfigReads(value, self, label)
         if not isinstance(value, (torch.Tensor, *_LEAVES, *_CODE)) and _snapshot(value) is _MISSING:
-            self._unwatchable(f"the forward reads {label}, a {type(value).__name__}")
+            self.unwatchable(f"the forward reads {label}, a {type(value).__name__}")
         return value
 
     def missing(self, container, key, label: str) -> None:
         """Record that ``container`` has no ``key`` (the forward relied on that)."""
         self.reads.setdefault((id(container), key), (container, key, label))
 
-    def _unwatchable(self, problem: str) -> None:
+    def unwatchable(self, problem: str) -> None:
         if self.problem is None:
             self.problem = problem
 
@@ -310,14 +335,14 @@ class _ConfigReads:
             recorder.missing(state, key, label)
             raise
         if isinstance(getattr(type(config), name, None), property) or callable(value):
-            recorder._unwatchable(f"the forward calls or computes {label}")
+            recorder.unwatchable(f"the forward calls or computes {label}")
             return value
         recorder.missing(state, key, label)  # a class-level constant, unless the instance sets one later
         return value
 
     def __setattr__(self, name, value):
         recorder = object.__getattribute__(self, "_recorder")
-        recorder._unwatchable(f"the forward writes {object.__getattribute__(self, '_label')}.{name}")
+        recorder.unwatchable(f"the forward writes {object.__getattribute__(self, '_label')}.{name}")
         setattr(object.__getattribute__(self, "_config"), name, value)
 
 

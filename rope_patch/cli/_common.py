@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 
 import click
+
+import rope_patch
 
 #: ``--dtype`` choices; names of torch dtypes.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,3 +76,33 @@ class Progress:
         if self.enabled and self._width:
             click.echo("\r" + " " * self._width + "\r", nl=False, err=True)
             self._width = 0
+
+
+@contextlib.contextmanager
+def patched_like_auto():
+    """Patching as ``import rope_patch.auto`` does it (environment settings),
+    undone afterwards; an existing patch (``rope-patch run -- rope-patch
+    list``) is used as it is."""
+    ours = not rope_patch.is_patched() and rope_patch.patch()
+    try:
+        yield
+    finally:
+        if ours:
+            rope_patch.unpatch()
+
+
+@contextlib.contextmanager
+def model_code_contained():
+    """Keep model code's chatter off stdout and the terminal.
+
+    Importing modeling modules can ``print`` (transformers' auto_docstring
+    reports missing configs on stdout), which would corrupt ``--json``;
+    default configs log validation warnings; the runtime logs each fallback,
+    which the rows already report.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_logger()  # configures its level now, so quiet() is not overridden on first use
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), quiet("transformers", "rope_patch"):
+        warnings.simplefilter("ignore")
+        yield

@@ -21,8 +21,7 @@ import sys
 import click
 
 import rope_patch
-from rope_patch.cli._common import DEVICES, DTYPES, check_device, quiet, torch_dtype
-from rope_patch.cli.listing import _model_code_contained, _patched_like_auto
+from rope_patch.cli._common import DEVICES, DTYPES, check_device, model_code_contained, patched_like_auto, quiet, torch_dtype
 from rope_patch.status import Status, classify
 
 #: Shapes timed: decode of one token, a 512-token prefill.
@@ -67,10 +66,10 @@ def model_modules(config, folder: str, trust_remote_code: bool) -> list:
     """The modules that define the model of ``config`` and of its sub-configs."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    from rope_patch.diagnostics.instances import _config_family
+    from rope_patch.diagnostics.instances import config_family
 
     modules = []
-    family, _ = _config_family(config)
+    family, _ = config_family(config)
     auto_map = getattr(config, "auto_map", None) or {}
     if auto_map and trust_remote_code:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -177,9 +176,9 @@ def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
     proven on a rotary built from that exact config, and the per-call
     speed-up there. Exits 1 on a mismatch."""
     check_device(device)
-    with _model_code_contained(), quiet("rope_patch.diagnostics"):
+    with model_code_contained(), quiet("rope_patch.diagnostics"):
         config, folder = load_config(path, trust_remote_code)
-        with _patched_like_auto():
+        with patched_like_auto():
             if not rope_patch.is_patched():
                 raise click.UsageError("rope_patch is not patching here (ROPE_PATCH_DISABLE, or unsupported versions)")
             findings = check_model(config, folder, device, dtype, trust_remote_code, timing=not no_timing)

@@ -12,18 +12,24 @@ instance the contract test builds. Nothing here re-derives eligibility.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
-import warnings
 
 import click
 
 import rope_patch
 from rope_patch import versions
 from rope_patch import settings as settings_module
-from rope_patch.cli._common import DEVICES, DTYPES, Progress, check_device, quiet, torch_dtype
+from rope_patch.cli._common import (
+    DEVICES,
+    DTYPES,
+    Progress,
+    check_device,
+    model_code_contained,
+    patched_like_auto,
+    torch_dtype,
+)
 from rope_patch.status import ClassStatus, Status, classify
 
 STATUSES = tuple(status.value for status in Status)
@@ -63,36 +69,6 @@ class Row:
         if self.check is not None:
             row["check"] = self.check
         return row
-
-
-@contextlib.contextmanager
-def _patched_like_auto():
-    """Patching as ``import rope_patch.auto`` does it (environment settings),
-    undone afterwards; an existing patch (``rope-patch run -- rope-patch
-    list``) is used as it is."""
-    ours = not rope_patch.is_patched() and rope_patch.patch()
-    try:
-        yield
-    finally:
-        if ours:
-            rope_patch.unpatch()
-
-
-@contextlib.contextmanager
-def _model_code_contained():
-    """Keep model code's chatter off stdout and the terminal.
-
-    Importing modeling modules can ``print`` (transformers' auto_docstring
-    reports missing configs on stdout), which would corrupt ``--json``;
-    default configs log validation warnings; the runtime logs each fallback,
-    which the rows already report.
-    """
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.get_logger()  # configures its level now, so quiet() is not overridden on first use
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), quiet("transformers", "rope_patch"):
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _observe(row: Row, device: str, dtype: str | None) -> tuple[Row, bool]:
@@ -210,7 +186,7 @@ def list_command(pattern, wanted, as_json, verify, device, dtype):
     wanted = Status(wanted.lower()) if wanted else None
     progress = Progress()
     try:
-        with _model_code_contained(), _patched_like_auto():
+        with model_code_contained(), patched_like_auto():
             rows, failures, unverified = collect(pattern, wanted, progress, device, dtype)
     finally:
         progress.clear()

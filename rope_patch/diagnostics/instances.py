@@ -111,7 +111,7 @@ def _is_config_parameter(param: inspect.Parameter, namespace: dict) -> bool:
     )
 
 
-def _wanted_config_classes(cls: type) -> list[type]:
+def wanted_config_classes(cls: type) -> list[type]:
     """The config classes the rotary ``__init__`` is annotated with."""
     namespace = vars(sys.modules[cls.__module__])
     wanted: list[type] = []
@@ -187,13 +187,13 @@ def candidate_config_classes(rotary: RotaryClass) -> list[type]:
     """
     ranked = sorted(_module_config_classes(rotary), key=lambda c: _name_closeness(rotary.name, c), reverse=True)
     ordered: list[type] = []
-    for config_cls in [*_wanted_config_classes(rotary.cls), *ranked, _mapped_config_class(rotary.model_type)]:
+    for config_cls in [*wanted_config_classes(rotary.cls), *ranked, _mapped_config_class(rotary.model_type)]:
         if config_cls is not None and config_cls not in ordered:
             ordered.append(config_cls)
     return ordered
 
 
-def _config_family(config, depth: int = 3) -> tuple[list, set[int]]:
+def config_family(config, depth: int = 3) -> tuple[list, set[int]]:
     """``config`` and its sub-configs, breadth first, ``depth`` levels deep.
 
     Args:
@@ -226,7 +226,7 @@ def _config_family(config, depth: int = 3) -> tuple[list, set[int]]:
     return family, text_ids
 
 
-def _rank_family(rotary: RotaryClass, family: list, text_ids: set[int], wanted: list[type]) -> list:
+def rank_family(rotary: RotaryClass, family: list, text_ids: set[int], wanted: list[type]) -> list:
     """A config family ordered for ``rotary``.
 
     The annotated class itself comes first, then its subclasses, then the
@@ -255,7 +255,7 @@ def candidate_configs(rotary: RotaryClass, problems: list[str]) -> Iterator:
     Yields:
         Config instances, each once.
     """
-    wanted = _wanted_config_classes(rotary.cls)
+    wanted = wanted_config_classes(rotary.cls)
     seen: set[int] = set()
     for config_cls in candidate_config_classes(rotary):
         try:
@@ -263,8 +263,8 @@ def candidate_configs(rotary: RotaryClass, problems: list[str]) -> Iterator:
         except Exception as exc:  # a config may require arguments; try the next one
             problems.append(f"{config_cls.__name__}() failed: {type(exc).__name__}: {exc}")
             continue
-        family, text_ids = _config_family(config)
-        for member in _rank_family(rotary, family, text_ids, wanted):
+        family, text_ids = config_family(config)
+        for member in rank_family(rotary, family, text_ids, wanted):
             if id(member) not in seen:
                 seen.add(id(member))
                 yield member
@@ -419,6 +419,49 @@ def with_matching_mrope_section(instance: torch.nn.Module):
     return repaired, section
 
 
+#: The original maximum position of the rope types built by with_rope_type.
+ORIGINAL_MAX = 64
+
+
+def with_rope_type(config, rope_type: str, dim: int):
+    """A copy of ``config`` whose RoPE parameters are ``rope_type``
+    (``"dynamic"`` or ``"longrope"``), switching at ORIGINAL_MAX positions
+    (``max_position_embeddings`` 4x that), for every layer type; None when
+    the config has no RoPE parameters to set.
+
+    Args:
+        dim: the rotary's frequency count (``inv_freq.numel()``), for
+            longrope's factor lists.
+    """
+    theta = _rope_theta(config) or STANDARD_ROPE["rope_theta"]
+    if rope_type == "dynamic":
+        parameters = {"rope_type": "dynamic", "factor": 2.0}
+    else:
+        parameters = {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.01 * i for i in range(dim)],
+            "long_factor": [2.0 + 0.1 * i for i in range(dim)],
+            "original_max_position_embeddings": ORIGINAL_MAX,
+        }
+    repaired = copy.deepcopy(config)
+    repaired.max_position_embeddings = 4 * ORIGINAL_MAX
+    current = getattr(config, "rope_parameters", None)
+    if isinstance(current, dict) and current:  # 5.x, maybe per layer type; other keys (mrope_section) kept
+        if all(isinstance(value, dict) for value in current.values()):
+            repaired.rope_parameters = {
+                layer: {"rope_theta": theta, **value, **parameters} for layer, value in current.items()
+            }
+        else:
+            repaired.rope_parameters = {"rope_theta": theta, **current, **parameters}
+    elif hasattr(config, "rope_scaling") and not isinstance(current, dict):  # 4.57
+        repaired.rope_scaling = {k: v for k, v in parameters.items() if k != "original_max_position_embeddings"}
+        if rope_type == "longrope":
+            repaired.original_max_position_embeddings = ORIGINAL_MAX
+    else:
+        return None
+    return repaired
+
+
 @dataclasses.dataclass
 class Instance:
     """A rotary module built for exercising its class.
@@ -499,14 +542,14 @@ def build_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> I
 def instance_from_config(rotary: RotaryClass, config, device: str | torch.device = "cpu") -> Instance:
     """Build ``rotary.cls`` from a given config (a user's model config): the
     config or the member of its family (sub-configs, text config) that fits
-    the rotary best (see :func:`_rank_family`), no repairs.
+    the rotary best (see :func:`rank_family`), no repairs.
 
     Raises:
         InstantiationError: no member of the config's family builds it.
     """
     problems: list[str] = []
-    family, text_ids = _config_family(config)
-    for member in _rank_family(rotary, family, text_ids, _wanted_config_classes(rotary.cls)):
+    family, text_ids = config_family(config)
+    for member in rank_family(rotary, family, text_ids, wanted_config_classes(rotary.cls)):
         module = _build(rotary, member, device, problems, type(member).__name__)
         if module is not None:
             module = module.to(device).eval()

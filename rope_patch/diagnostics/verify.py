@@ -247,3 +247,77 @@ def mrope_kind(module, extra: tuple, device="cpu") -> str | None:
         except Exception:  # noqa: BLE001 - 2-D rejected
             return "3-D only"
     return "per-axis"
+
+
+def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> ClassOutcome | None:
+    """Prove ``rotary`` with a rope type that changes the module's state
+    between calls (``"dynamic"`` or ``"longrope"``): a patched module and an
+    unpatched twin, built from the class's default config with that rope
+    type (instances.with_rope_type), are called with the same positions
+    going past the original maximum and back; outputs and the modules'
+    whole state (buffers, attributes) must be identical after every call.
+
+    Returns:
+        The outcome (CACHED when some call was answered from a table), or
+        None when the class does not change state through transformers'
+        ``dynamic_rope_update`` or cannot be built with that rope type.
+    """
+    from rope_patch.cache.families import _decorated_by, _update_only
+    from rope_patch.diagnostics.instances import ORIGINAL_MAX, constructor_arguments, with_rope_type
+    from rope_patch.forward import original_of
+
+    update = _update_only()
+    forward = original_of(rotary.cls.forward) or rotary.cls.forward
+    if update is None or rotary.convention != "positions" or not _decorated_by(forward, update.__code__):
+        return None
+    try:
+        built = build_instance(rotary, device)
+        dim = built.module.inv_freq.numel()
+        config = with_rope_type(built.module.config, rope_type, dim)
+        pair = [rotary.cls(**constructor_arguments(rotary.cls, config, device)).to(device).eval() for _ in range(2)]
+    except Exception:  # noqa: BLE001 - not buildable with this rope type: not applicable
+        return None
+    module, twin = pair
+    layer_type = built.layer_types[0]
+    extra = () if layer_type is None else (layer_type,)
+    problems = []
+    top = 4 * ORIGINAL_MAX
+    for length in (10, 11, ORIGINAL_MAX + 20, ORIGINAL_MAX + 21, 10, 11, top, ORIGINAL_MAX - 1, 3):
+        positions = torch.arange(length, device=device)[None]
+        x = torch.randn(1, length, HIDDEN, device=device)
+        try:
+            with rope_patch.disabled():
+                expected = twin(x, positions, *extra)
+        except Exception as error:  # noqa: BLE001 - the patched call must raise alike
+            try:
+                module(x, positions, *extra)
+                problem = f"unpatched raised {error!r}, patched did not"
+            except type(error):
+                problem = None
+            except Exception as other:  # noqa: BLE001
+                problem = f"unpatched raised {error!r}, patched raised {other!r}"
+        else:
+            try:
+                problem = difference(expected, module(x, positions, *extra))
+            except Exception as error:  # noqa: BLE001 - reported
+                problem = f"patched raised {error!r}"
+        if problem is None and _state(module) != _state(twin):
+            problem = "module state differs from the unpatched twin's"
+        if problem:
+            problems.append(f"{rope_type} positions 0..{length - 1}: {problem}")
+    result = outcome(module)
+    return ClassOutcome(rotary, result.status, result.reason, tuple(problems))
+
+
+def _state(module) -> dict:
+    """Every attribute, buffer and parameter of ``module``, tensors by bits."""
+    from rope_patch.identity import bits
+
+    out = {}
+    for name, value in {**vars(module), **module._buffers, **module._parameters}.items():
+        if name.startswith("_") or isinstance(value, torch.nn.Module):
+            continue
+        if isinstance(value, torch.Tensor):
+            value = (value.dtype, tuple(value.shape), bits(value.detach()).cpu().tolist())
+        out[name] = value
+    return out

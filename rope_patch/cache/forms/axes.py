@@ -46,13 +46,12 @@ import logging
 import torch
 
 from rope_patch.cache.numerics import exact_numerics
-from rope_patch.cache.table import NotCacheable
+from rope_patch.cache.table import NotCacheable, NotPerPosition
 from rope_patch.identity import bits, difference
 
 logger = logging.getLogger(__name__)
 
 _embedding = torch.embedding
-_bitwise_and = torch.bitwise_and
 
 #: Learning positions per axis at most: enough to cover the table's range,
 #: few enough that learning costs about one small forward.
@@ -109,10 +108,10 @@ class AxesForm:
             elif tensor.device == device and tensor.dim() == 4 and tuple(tensor.shape[1:3]) == (1, size):
                 rows = bits(tensor[:, 0])
                 if not bool((rows == rows[:1]).all()):
-                    raise NotCacheable(f"output {index}: equal positions on every axis give different rows")
+                    raise NotPerPosition(f"output {index}: equal positions on every axis give different rows")
                 columns.append(tensor[0, 0].contiguous())
             else:
-                raise NotCacheable(
+                raise NotPerPosition(
                     f"output {index} has shape {tuple(tensor.shape)} on {tensor.device} for positions of "
                     f"{size} equal axes"
                 )
@@ -132,7 +131,8 @@ class AxesForm:
             return self.table.pack([_embedding(column, position_ids) for column in self.table.columns])
         out = []
         for view, keep, column in zip(self.bits, self.keep, self.table.columns):
-            rows = _bitwise_and(_embedding(view, position_ids), keep)  # each column: its axis's bits, else 0
+            rows = _embedding(view, position_ids)  # a fresh tensor: masked in place
+            rows.bitwise_and_(keep)  # each column: its axis's bits, else 0
             out.append(rows.sum(0, dtype=view.dtype).view(column.dtype))
         return self.table.pack(out)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rope_patch.cache.numerics import exact_numerics
-from rope_patch.cache.table import NotCacheable
+from rope_patch.cache.table import NotCacheable, NotPerPosition
 from rope_patch.identity import difference
 
 _embedding = torch.embedding
@@ -53,7 +53,7 @@ class PlanarForm:
         """The table columns in the forward's outputs for build_positions."""
         for index, tensor in enumerate(outputs):
             if tensor.dim() != 3 or tuple(tensor.shape[:2]) != (1, size) or tensor.device != device:
-                raise NotCacheable(
+                raise NotPerPosition(
                     f"output {index} has shape {tuple(tensor.shape)} on {tensor.device}; "
                     f"expected (batch, seq, dim) for position_ids of shape (1, {size})"
                 )

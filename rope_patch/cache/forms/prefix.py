@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from rope_patch.cache.numerics import exact_numerics
-from rope_patch.cache.table import NotCacheable
+from rope_patch.cache.table import NotCacheable, NotPerPosition
 from rope_patch.identity import difference
 
 
@@ -38,7 +38,7 @@ class PrefixForm:
         """The forward's outputs for ``seq_len = size``: one row per position."""
         for index, tensor in enumerate(outputs):
             if tensor.dim() < 1 or tensor.shape[0] != size or tensor.device != device:
-                raise NotCacheable(
+                raise NotPerPosition(
                     f"output {index} has shape {tuple(tensor.shape)} on {tensor.device}; "
                     f"expected {size} rows for seq_len={size}"
                 )
