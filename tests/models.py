@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from rope_patch.diagnostics.verify import image_prompt_positions  # noqa: F401 - re-exported for the tests
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -40,18 +42,3 @@ def causal_lm(config_class, seed=0, **overrides):
 
 def transformers_major():
     return int(transformers.__version__.split(".")[0])
-
-
-def image_prompt_positions(text_before, grid, text_after, start=0):
-    """(3, S) multimodal RoPE positions laid out like Qwen2-VL's
-    get_rope_index: text on all axes (temporal, height, width), one frame of
-    an ``h x w`` image grid (temporal fixed, height and width walk the grid),
-    then text continuing after the largest position."""
-    height, width = grid
-    text = torch.arange(start, start + text_before).expand(3, -1)
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
-    image = torch.stack([torch.zeros_like(rows), rows, cols]) + start + text_before
-    after_start = int(image.max()) + 1
-    after = torch.arange(after_start, after_start + text_after).expand(3, -1)
-    return torch.cat([text, image, after], dim=1)

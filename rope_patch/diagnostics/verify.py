@@ -205,26 +205,32 @@ def _compare(module, cases: dict, extra: tuple, dtypes, device) -> list[str]:
             shape = (1, positions, HIDDEN) if type(positions) is int else (*positions.shape[-2:], HIDDEN)
             x = torch.randn(*shape, device=device).to(dtype)
             where = f"{name} {str(dtype).replace('torch.', '')}" + (f" layer_type={extra[0]}" if extra else "")
-            try:
-                with rope_patch.disabled():
-                    expected = module(x, positions, *extra)
-            except Exception as error:  # noqa: BLE001 - the patched call must raise alike
-                try:
-                    module(x, positions, *extra)
-                    problems.append(f"{where}: unpatched raised {error!r}, patched did not")
-                except type(error):
-                    pass
-                except Exception as other:  # noqa: BLE001
-                    problems.append(f"{where}: unpatched raised {error!r}, patched raised {other!r}")
-                continue
             for attempt in ("first use", "table hit"):
-                try:
-                    problem = difference(expected, module(x, positions, *extra))
-                except Exception as error:  # noqa: BLE001
-                    problem = f"patched raised {error!r}"
+                problem = same_outcome(lambda: module(x, positions, *extra), lambda: module(x, positions, *extra))
                 if problem:
                     problems.append(f"{where} ({attempt}): {problem}")
     return problems
+
+
+def same_outcome(unpatched, patched) -> str | None:
+    """Why ``patched()`` is not what ``unpatched()`` is (run inside
+    ``rope_patch.disabled()``): not bit-identical, or not the same exception
+    type; None when it is."""
+    try:
+        with rope_patch.disabled():
+            expected = unpatched()
+    except Exception as error:  # noqa: BLE001 - the patched call must raise alike
+        try:
+            patched()
+        except type(error):
+            return None
+        except Exception as other:  # noqa: BLE001
+            return f"unpatched raised {error!r}, patched raised {other!r}"
+        return f"unpatched raised {error!r}, patched did not"
+    try:
+        return difference(expected, patched())
+    except Exception as error:  # noqa: BLE001
+        return f"patched raised {error!r}"
 
 
 def mrope_kind(module, extra: tuple, device="cpu") -> str | None:
@@ -285,22 +291,7 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
     for length in (10, 11, ORIGINAL_MAX + 20, ORIGINAL_MAX + 21, 10, 11, top, ORIGINAL_MAX - 1, 3):
         positions = torch.arange(length, device=device)[None]
         x = torch.randn(1, length, HIDDEN, device=device)
-        try:
-            with rope_patch.disabled():
-                expected = twin(x, positions, *extra)
-        except Exception as error:  # noqa: BLE001 - the patched call must raise alike
-            try:
-                module(x, positions, *extra)
-                problem = f"unpatched raised {error!r}, patched did not"
-            except type(error):
-                problem = None
-            except Exception as other:  # noqa: BLE001
-                problem = f"unpatched raised {error!r}, patched raised {other!r}"
-        else:
-            try:
-                problem = difference(expected, module(x, positions, *extra))
-            except Exception as error:  # noqa: BLE001 - reported
-                problem = f"patched raised {error!r}"
+        problem = same_outcome(lambda: twin(x, positions, *extra), lambda: module(x, positions, *extra))
         if problem is None and _state(module) != _state(twin):
             problem = "module state differs from the unpatched twin's"
         if problem:

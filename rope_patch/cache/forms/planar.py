@@ -110,16 +110,16 @@ class PlanarForm:
         problem = next((p for p in problems if p), None)
         if problem is not None:
             failing = next(p for (p, _), found in zip(expected, problems) if found)
-            if _reads_values(self.forward, module, x, failing, self.extra, self.lookup(module, x, failing)):
+            if reads_values(self.forward, module, x, failing, self.extra, self.lookup(module, x, failing)):
                 raise NotCacheable("its output depends on the values of x, not only on position_ids")
             raise NotCacheable(f"probe positions differ from the unpatched forward: {problem}")
 
 
-def _reads_values(forward, module, x, positions, extra, answer) -> bool:
+def reads_values(forward, module, x, index, extra, answer) -> bool:
     """The forward gives the table's answer for the build's zeros but not for
     ``x``: it reads the values of x."""
     with exact_numerics(x.device.type):
-        zeros = forward(module, x.new_zeros(()).expand(x.shape), positions, *extra)
+        zeros = forward(module, x.new_zeros(()).expand(x.shape), index, *extra)
     return difference(zeros, answer) is None
 
 

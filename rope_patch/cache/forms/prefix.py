@@ -13,6 +13,7 @@ import torch
 
 from rope_patch.cache.numerics import exact_numerics
 from rope_patch.cache.table import NotCacheable, NotPerPosition
+from rope_patch.cache.forms.planar import reads_values
 from rope_patch.identity import difference
 
 
@@ -64,14 +65,7 @@ class PrefixForm:
         for n, want in expected:
             problem = difference(want, self.lookup(module, x, n))
             if problem is not None:
-                if _reads_values(self.forward, module, x, n, self.extra, self.lookup(module, x, n)):
+                if reads_values(self.forward, module, x, n, self.extra, self.lookup(module, x, n)):
                     raise NotCacheable("its output depends on the values of its first argument, not only on seq_len")
                 raise NotCacheable(f"seq_len={n} is not the first rows of seq_len={size}: {problem}")
 
-
-def _reads_values(forward, module, x, index, extra, answer) -> bool:
-    """The forward gives the table's answer for the build's zeros but not for
-    ``x``: it reads the values of x."""
-    with exact_numerics(x.device.type):
-        zeros = forward(module, x.new_zeros(()).expand(x.shape), index, *extra)
-    return difference(zeros, answer) is None
