@@ -140,30 +140,19 @@ def test_list_pattern_matching_nothing_says_so_and_exits_1():
 def test_a_missing_optional_package_is_counted_in_the_summary_not_noted():
     """Modules that need a package that is not installed (torchaudio) are no
     classes the user could run: one count in the summary, no note per module."""
+    from rope_patch.cli.listing import summary
+    from rope_patch.diagnostics.scan import ImportFailure, scan_catalog
     from rope_patch.discovery import model_type_of
-    from rope_patch.diagnostics.scan import scan_catalog
 
-    missing = [f for f in scan_catalog().failures if f.missing_package]
-    if not missing:
-        pytest.skip("no modeling module of this transformers needs a package that is missing here")
-    result = invoke("list", model_type_of(missing[0].module))
-    assert "note:" not in result.stderr
-    assert f"not imported: needs {missing[0].missing_package}" in result.stdout.strip().splitlines()[-1]
-
-
-def test_disable_variable_excludes_every_class(listing):
-    rows = list_json(ROPE_PATCH_DISABLE="1")
-    assert [key(r) for r in rows] == [key(r) for r in listing]
-    assert {r["status"] for r in rows} == {"excluded"}
-    assert all("ROPE_PATCH_DISABLE" in r["reason"] for r in rows)
-
-
-def test_mrope_text_rotaries_are_listed_cached_with_a_note(listing):
-    rows = {r["class"]: r for r in listing if r["model_type"] in ("qwen2_vl", "qwen2_5_vl")}
-    for name in ("Qwen2VLRotaryEmbedding", "Qwen2_5_VLRotaryEmbedding"):
-        assert rows[name]["status"] == "cached", rows[name]
-        assert "M-RoPE" in rows[name]["reason"], rows[name]
-    assert "M-RoPE" not in next(r for r in listing if r["class"] == "LlamaRotaryEmbedding")["reason"]
+    missing = ModuleNotFoundError("No module named 'torchaudio'", name="torchaudio")
+    broken = ImportFailure("transformers.models.x.modeling_x", RuntimeError("a bug"))
+    line = summary([], [ImportFailure("transformers.models.a.modeling_a", missing), broken])
+    assert line == "0 classes: 0 cached, 0 fallback, 0 excluded, 0 unsupported (1 module not imported: needs torchaudio)"
+    real = [f for f in scan_catalog().failures if f.missing_package]
+    if real:  # end to end, where this transformers has such a module (5.x: higgs_audio_v2_tokenizer)
+        result = invoke("list", model_type_of(real[0].module))
+        assert "note:" not in result.stderr
+        assert f"not imported: needs {real[0].missing_package}" in result.stdout.strip().splitlines()[-1]
 
 
 def test_unparseable_environment_excludes_every_class_naming_the_variable():

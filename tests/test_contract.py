@@ -28,7 +28,7 @@ import torch
 
 import rope_patch
 from rope_patch.diagnostics.scan import scan_catalog
-from rope_patch.diagnostics.verify import verify_class, verify_rope_type
+from rope_patch.diagnostics.verify import verify_class
 from rope_patch.forward import original_of
 from rope_patch.status import Status
 from tests import expected
@@ -101,25 +101,3 @@ def test_coverage_meets_the_bar(record_property):
     mrope = sum(result.status is Status.CACHED and result.mrope for result in outcomes.values())
     assert mrope >= expected.MIN_CACHED_MROPE, f"only {mrope} M-RoPE classes cached"
 
-
-CHANGING = ("dynamic", "longrope")
-
-
-@pytest.mark.parametrize("rope_type", CHANGING)
-def test_changing_rope_types_of_every_class(rope_type, patched):
-    """Every class computed through transformers' dynamic_rope_update, with
-    a dynamic or longrope config, called past the original maximum and back:
-    identical outputs and module state after every call, and answered from
-    tables. One test per rope type over all classes (each check is small)."""
-    checked, problems, uncached = 0, [], []
-    for rotary in CATALOG:
-        result = verify_rope_type(rotary, rope_type)
-        if result is None:
-            continue
-        checked += 1
-        problems += [f"{rotary.name}: {problem}" for problem in result.problems]
-        if result.status is not Status.CACHED:
-            uncached.append(f"{rotary.name}: {result.reason}")
-    assert checked >= expected.MIN_CACHED // 2, f"only {checked} classes could be checked with {rope_type}"
-    assert not problems, "\n".join(problems)
-    assert len(uncached) <= checked // 10, "\n".join(uncached)

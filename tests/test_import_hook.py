@@ -83,10 +83,8 @@ def test_disable_variable_patches_nothing():
 @pytest.mark.parametrize(
     "value,expected",
     [
+        (" QWEN3* , llamarotaryembedding ", {"llama": "original", "qwen3": "original"}),  # case, spaces, glob, class
         ("qwen3", {"llama": "wrapped", "qwen3": "original"}),
-        ("LlamaRotaryEmbedding", {"llama": "original", "qwen3": "wrapped"}),
-        (" QWEN3 , llamarotaryembedding ", {"llama": "original", "qwen3": "original"}),
-        ("*", {"llama": "original", "qwen3": "original"}),
     ],
 )
 def test_exclude_variable(value, expected):
@@ -94,14 +92,39 @@ def test_exclude_variable(value, expected):
     assert report == expected
 
 
-@pytest.mark.parametrize(
-    "name,value",
-    [("ROPE_PATCH_DISABLE", "maybe"), ("ROPE_PATCH_EXCLUDE", "qwen3;llama"), ("ROPE_PATCH_MAX_POSITIONS", "lots")],
-)
-def test_unparseable_variable_warns_and_patches_nothing(name, value):
-    report, stderr = child_report("import rope_patch.auto\n", **{name: value})
+def test_exclude_variable_forms_in_process(monkeypatch):
+    """The other forms (the variable is parsed by the same code at patch()
+    time; the subprocess cases above cover import rope_patch.auto)."""
+    import rope_patch
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from rope_patch.forward import original_of
+
+    for value, llama, qwen3 in (("LlamaRotaryEmbedding", False, True), ("*", False, False), ("qwen*", True, False)):
+        monkeypatch.setenv("ROPE_PATCH_EXCLUDE", value)
+        assert rope_patch.patch()
+        wrapped = [original_of(cls.__dict__["forward"]) is not None for cls in (
+            modeling_llama.LlamaRotaryEmbedding, modeling_qwen3.Qwen3RotaryEmbedding)]
+        rope_patch.unpatch()
+        assert wrapped == [llama, qwen3], value
+
+
+def test_unparseable_variable_warns_and_patches_nothing():
+    report, stderr = child_report("import rope_patch.auto\n", ROPE_PATCH_EXCLUDE="qwen3;llama")
     assert report == {"llama": "original", "qwen3": "original"}
-    assert name in stderr
+    assert "ROPE_PATCH_EXCLUDE" in stderr
+
+
+@pytest.mark.parametrize("name,value", [("ROPE_PATCH_DISABLE", "maybe"), ("ROPE_PATCH_MAX_POSITIONS", "lots")])
+def test_other_unparseable_variables_in_process(name, value, monkeypatch, caplog):
+    import rope_patch
+
+    monkeypatch.setenv(name, value)
+    with caplog.at_level("WARNING", logger="rope_patch"):
+        assert rope_patch.patch() is False
+    assert not rope_patch.is_patched()
+    assert name in caplog.text
 
 
 def test_a_failing_hook_never_breaks_the_users_import():
