@@ -79,14 +79,14 @@ def coverage_lines(outcomes) -> list[str]:
     noted = [r for r in outcomes.values() if r.status is not Status.CACHED or r.repair]
     shared = {}
     for result in noted:
-        shared.setdefault(result.reason, []).append(result)
+        shared.setdefault((result.status, result.reason), []).append(result)
     for result in sorted(noted, key=lambda r: (r.rotary.module, r.rotary.name)):
-        if len(shared[result.reason]) <= 3:
+        if len(shared[result.status, result.reason]) <= 3:
             lines.append(f"  {result.status!s:12} {result.rotary.module}.{result.rotary.name}: {result.reason}")
-    for reason, results in shared.items():
+    for (status, reason), results in shared.items():
         if len(results) > 3:
             names = ", ".join(r.rotary.name for r in results)
-            lines.append(f"  {results[0].status!s:12} {len(results)} classes: {reason} ({names})")
+            lines.append(f"  {status!s:12} {len(results)} classes: {reason} ({names})")
     return lines
 
 
