@@ -20,9 +20,9 @@ CPU (its cache sizing subtracts from the CPU's total memory, which it
 reports as None: TypeError in the batching thread, and the request is
 never answered), so that mode is skipped there.
 
-Needs the serving extras: ``pip install "transformers[serving]==<the installed
-version>"`` (fastapi, uvicorn, openai, pydantic, starlette, accelerate; rich
-on 5.x too, not needed here); skipped without them.
+Needs what transformers' "serving" extra installs (fastapi, uvicorn, openai,
+pydantic, starlette, accelerate; rich on 5.x): rope-patch's ``test`` extra
+has them (``pip install -e ".[test]"``); skipped without them.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from tests.models import transformers_major
 for _module in ("fastapi", "uvicorn", "openai", "pydantic", "accelerate"):
     pytest.importorskip(
         _module,
-        reason=f"serving extras not installed ({_module}): "
-        f"pip install 'transformers[serving]=={transformers.__version__}'",
+        reason=f"serving extras not installed ({_module}): pip install -e '.[test]' "
+        f"(or 'transformers[serving]=={transformers.__version__}')",
     )
 
 V5 = transformers_major() >= 5
