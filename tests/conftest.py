@@ -10,6 +10,7 @@ import torch
 
 import rope_patch
 from rope_patch import settings
+from rope_patch.diagnostics.verify import module_state  # noqa: F401 - shared with the tests
 from rope_patch.identity import difference
 
 ROPE_VARIABLES = tuple(settings.VARIABLES)
@@ -123,19 +124,3 @@ class CallsCos(torch.overrides.TorchFunctionMode):
         if getattr(func, "__name__", "") == "cos":
             self.seen = True
         return func(*args, **(kwargs or {}))
-
-
-def module_state(module) -> dict:
-    """A module's frequency state, comparable: every attribute, buffer and
-    parameter, tensors as (dtype, shape, bits), others as they are."""
-    from rope_patch.identity import bits
-
-    out = {}
-    for name, value in {**vars(module), **module._buffers, **module._parameters}.items():
-        if name.startswith("_") or isinstance(value, torch.nn.Module):
-            continue
-        if isinstance(value, torch.Tensor):
-            out[name] = (value.dtype, tuple(value.shape), bits(value.detach()).tolist())
-        else:
-            out[name] = value
-    return out

@@ -30,7 +30,7 @@ from rope_patch.cache.build import build_table
 from rope_patch.cache.families import family_for
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
-from rope_patch.cache.table import INDEX_DTYPES, NotCacheable, NotPerPosition, table_size
+from rope_patch.cache.table import NotCacheable, NotPerPosition, table_size
 from rope_patch.discovery import VISION_REASON, is_vision
 from rope_patch.identity import difference
 
@@ -163,7 +163,7 @@ def call(module, original, x, position_ids, layer_type, extra: tuple):
         layer_type: the key argument (None for forwards without one).
         extra: the arguments after position_ids, as the call passed them.
     """
-    if not _answerable(x, position_ids):
+    if not rule.answerable(x, position_ids):
         return original(module, x, position_ids, *extra)
     state = state_for(module)
     if state.fallback is not None:
@@ -172,37 +172,22 @@ def call(module, original, x, position_ids, layer_type, extra: tuple):
         return _answer(state, module, original, x, position_ids, layer_type, extra)
 
 
-def _answerable(x, position_ids) -> bool:
-    """position_ids a table could answer: a non-empty 2-D or 3-D index
-    tensor on x's (real) device, or a positive int seq_len; outside CUDA
-    graph capture."""
-    if type(position_ids) is int:
-        return position_ids > 0 and x.device.type != "meta" and not rule.capturing(x.device)
-    return (
-        position_ids.dim() in (2, 3)
-        and position_ids.dtype in INDEX_DTYPES
-        and position_ids.device == x.device
-        and x.device.type != "meta"
-        and position_ids.numel() != 0
-        and not rule.capturing(x.device)
-    )
-
-
 class _Call:
-    """One call on the slow path: what computes it unpatched, what tables
-    are built from, and how large they may be."""
+    """One call on the slow path: the class's forward (what tables are built
+    and probed from, and what computes the call unpatched) with the call's
+    arguments, and how large its table may be."""
 
-    __slots__ = ("module", "x", "position_ids", "extra", "forward", "compute", "limit", "family", "layer_type")
+    __slots__ = ("module", "x", "position_ids", "extra", "forward", "limit")
 
-    def __init__(self, module, x, position_ids, layer_type, extra, forward, compute, family=None):
-        self.module, self.x, self.position_ids = module, x, position_ids
-        self.layer_type, self.extra = layer_type, extra
-        #: what tables are built and probed from (the class's forward)
+    def __init__(self, module, x, position_ids, extra, forward):
+        self.module, self.x, self.position_ids, self.extra = module, x, position_ids, extra
         self.forward = forward
-        #: the unpatched result of this call (after the rope type's update ran)
-        self.compute = compute
-        self.family = family
         self.limit = None
+
+    def compute(self):
+        """The unpatched result of this call (for a changing rope type, after
+        its update ran: the forward's own update then changes nothing)."""
+        return self.forward(self.module, self.x, self.position_ids, *self.extra)
 
 
 def _answer(state: ModuleState, module, original, x, position_ids, layer_type, extra: tuple):
@@ -213,15 +198,11 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     if isinstance(family, str):  # a rope type we cannot follow
         state.never[key] = family
         return original(module, x, position_ids, *extra)
-    if family is None:
-        call = _Call(module, x, position_ids, layer_type, extra, original,
-                     lambda: original(module, x, position_ids, *extra))
-    else:
+    call = _Call(module, x, position_ids, extra, original)
+    if family is not None:
         if type(position_ids) is int or position_ids.dim() != 2:  # tables of changing rope types: 2-D calls only
-            return original(module, x, position_ids, *extra)
+            return call.compute()
         family.update(module, x, position_ids, *extra)  # transformers' own state update
-        call = _Call(module, x, position_ids, layer_type, extra, original,
-                     lambda: original(module, x, position_ids, *extra), family)
         if not family.cacheable(module, layer_type):
             return call.compute()
     table = _current_table(state, key)

@@ -128,10 +128,16 @@ def family_for(module, original, layer_type):
     rope_type = rope_type_of(module, layer_type)
     if rope_type is None or ("dynamic" not in rope_type and rope_type != "longrope"):
         return None
-    update = _update_only()
-    if update is None or not _decorated_by(original, update.__code__):
+    if not uses_dynamic_rope_update(original):
         return f"{rope_type} rope type behind a forward that is not transformers' dynamic_rope_update: recomputed per call"
-    return Family("dynamic" if "dynamic" in rope_type else "longrope", update)
+    return Family("dynamic" if "dynamic" in rope_type else "longrope", _update_only())
+
+
+def uses_dynamic_rope_update(forward) -> bool:
+    """``forward`` is transformers' ``dynamic_rope_update`` wrapper, maybe
+    under other decorators (``torch.no_grad()`` on 4.57)."""
+    update = _update_only()
+    return update is not None and _decorated_by(forward, update.__code__)
 
 
 def _decorated_by(function, code, depth: int = 8) -> bool:

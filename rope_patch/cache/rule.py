@@ -1,8 +1,9 @@
 """May a table answer this call? The one place that decides it.
 
-Both paths read these two functions: the replacement forward's fast path
-(rope_patch.forward) and the slow path (rope_patch.cache.engine) after it has
-built, grown, re-armed or verified a table. Anything they refuse is computed
+Both paths read these functions: the replacement forward's fast path
+(rope_patch.forward) and the slow path (rope_patch.cache.engine), which asks
+:func:`answerable` before it finds or builds a table and
+:func:`answering_form` after it has built, grown, re-armed or verified one. Anything they refuse is computed
 by the unpatched forward, so its result (or exception) is the user's.
 
 :func:`steps_aside` -- the context: run the original forward untouched,
@@ -117,6 +118,23 @@ def answering_form(table, x, position_ids, updated: bool = False):
     if not table.watch.holds():
         return None
     return form
+
+
+def answerable(x, position_ids) -> bool:
+    """Whether a table could answer this call at all, before any table is
+    found or built (the slow path's first question; items 7 and 8 without a
+    table): a non-empty 2-D or 3-D int64/int32 tensor on x's (real) device,
+    or a positive int seq_len; outside CUDA graph capture."""
+    if type(position_ids) is int:
+        return position_ids > 0 and x.device.type != "meta" and not capturing(x.device)
+    return (
+        position_ids.dim() in (2, 3)
+        and position_ids.dtype in INDEX_DTYPES
+        and position_ids.device == x.device
+        and x.device.type != "meta"
+        and position_ids.numel() != 0
+        and not capturing(x.device)
+    )
 
 
 def capturing(device: torch.device) -> bool:

@@ -136,10 +136,6 @@ class Watch:
             snapshots[id(new)] = self.snapshots[id(old)]
         return Watch(tensors, inference, values, snapshots)
 
-    def names(self) -> list[str]:
-        """The keys watched, for diagnostics."""
-        return [entry[1] for entry in (*self.tensors, *self.inference, *self.values)]
-
 
 def _one_buffer_check(watch: Watch):
     """:meth:`Watch.check` for one versioned tensor and immutable values (a
@@ -236,7 +232,7 @@ class Recorder:
             else:
                 snapshot = _snapshot(value)
                 if snapshot is _MISSING:
-                    raise Unwatchable(f"the forward reads {label}, a {type(value).__name__} that cannot be compared")
+                    raise Unwatchable(f"the forward reads {label}, a {type(value).__name__}, whose changes cannot be seen")
                 values.append((container, key, value, snapshot))
         return Watch(tensors, inference, values, snapshots)
 
@@ -262,13 +258,10 @@ class Recorder:
         return value  # a class attribute: code, not state
 
     def record(self, container, key, value, label: str):
-        """Record one read of ``container[key]``; return what the forward gets."""
+        """Record one read of ``container[key]`` (classified when :meth:`watch`
+        arms it); return what the forward gets."""
         self.reads.setdefault((id(container), key), (container, key, label))
-        if _is_config(value):
-            return _ConfigReads(value, self, label)
-        if not isinstance(value, (torch.Tensor, *_LEAVES, *_CODE)) and _snapshot(value) is _MISSING:
-            self.unwatchable(f"the forward reads {label}, a {type(value).__name__}")
-        return value
+        return _ConfigReads(value, self, label) if _is_config(value) else value
 
     def missing(self, container, key, label: str) -> None:
         """Record that ``container`` has no ``key`` (the forward relied on that)."""

@@ -78,12 +78,12 @@ def model_modules(config, folder: str, trust_remote_code: bool) -> list:
             if isinstance(reference, str) and reference.split(".")[0].startswith("modeling"):
                 cls = get_class_from_dynamic_module(reference, folder)
                 modules.append(sys.modules[cls.__module__])
+    import transformers
+
     for member in family:
         class_name = MODEL_MAPPING_NAMES.get(getattr(member, "model_type", None) or "")
         if not class_name:
             continue
-        import transformers
-
         try:
             cls = getattr(transformers, class_name)
         except (AttributeError, ImportError):

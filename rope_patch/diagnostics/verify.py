@@ -26,7 +26,7 @@ import torch
 import rope_patch
 from rope_patch import settings as settings_module
 from rope_patch.diagnostics.instances import Instance, InstantiationError, build_instance
-from rope_patch.discovery import PREFIX, RotaryClass
+from rope_patch.discovery import POSITIONS, PREFIX, RotaryClass
 from rope_patch.identity import difference
 from rope_patch.status import Status, classify, outcome
 
@@ -268,13 +268,12 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
         None when the class does not change state through transformers'
         ``dynamic_rope_update`` or cannot be built with that rope type.
     """
-    from rope_patch.cache.families import _decorated_by, _update_only
+    from rope_patch.cache.families import uses_dynamic_rope_update
     from rope_patch.diagnostics.instances import ORIGINAL_MAX, constructor_arguments, with_rope_type
     from rope_patch.forward import original_of
 
-    update = _update_only()
     forward = original_of(rotary.cls.forward) or rotary.cls.forward
-    if update is None or rotary.convention != "positions" or not _decorated_by(forward, update.__code__):
+    if rotary.convention != POSITIONS or not uses_dynamic_rope_update(forward):
         return None
     try:
         built = build_instance(rotary, device)
@@ -292,7 +291,7 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
         positions = torch.arange(length, device=device)[None]
         x = torch.randn(1, length, HIDDEN, device=device)
         problem = same_outcome(lambda: twin(x, positions, *extra), lambda: module(x, positions, *extra))
-        if problem is None and _state(module) != _state(twin):
+        if problem is None and module_state(module) != module_state(twin):
             problem = "module state differs from the unpatched twin's"
         if problem:
             problems.append(f"{rope_type} positions 0..{length - 1}: {problem}")
@@ -300,8 +299,9 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
     return ClassOutcome(rotary, result.status, result.reason, tuple(problems))
 
 
-def _state(module) -> dict:
-    """Every attribute, buffer and parameter of ``module``, tensors by bits."""
+def module_state(module) -> dict:
+    """A module's state, comparable: every attribute, buffer and parameter
+    (not private ones or submodules), tensors as (dtype, shape, bits)."""
     from rope_patch.identity import bits
 
     out = {}
