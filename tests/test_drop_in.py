@@ -248,6 +248,29 @@ def test_4_phimoe_follows_edits_of_its_config(patched):
     assert_identical(unpatched(module, x, *args), module(x, *args))
 
 
+def test_a_read_that_cannot_be_watched_keeps_the_module_unpatched(patched):
+    """A forward that reads something whose changes no check can see (here
+    a submodule's weight) is never answered from tables, and says why."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    class ScaledByLayerRotaryEmbedding(LlamaRotaryEmbedding):
+        def __init__(self, config):
+            super().__init__(config)
+            self.scale = torch.nn.Linear(1, 1, bias=False)
+
+        def forward(self, x, position_ids):
+            cos, sin = super().forward(x, position_ids)
+            return cos * self.scale.weight[0, 0], sin * self.scale.weight[0, 0]
+
+    rope_patch.patch_class(ScaledByLayerRotaryEmbedding)
+    module = ScaledByLayerRotaryEmbedding(llama_config()).requires_grad_(False)
+    x, positions = torch.randn(1, 4, 64), torch.tensor([[0, 7, 70, 700]])
+    assert_identical(unpatched(module, x, positions), module(x, positions))
+    module.scale.weight.fill_(2.0)
+    assert_identical(unpatched(module, x, positions), module(x, positions))
+    assert "submodule" in rope_patch.cache_info(module).fallback
+
+
 def test_5_offload_hooks_swapping_in_equal_buffers_keep_the_table(patched, monkeypatch):
     accelerate = pytest.importorskip("accelerate")
     from rope_patch.cache import engine
