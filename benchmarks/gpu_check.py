@@ -10,7 +10,10 @@ identity    every rotary class of the installed transformers, proved with
             ``rope_patch.diagnostics.verify.verify_class`` in fp32, bf16, fp16;
 latency     per-call latency of the qwen3 and llama3 rotaries, unpatched /
             patched / floor, bf16, with the exact bound check (one host sync)
-            and with ``sync_free=True``;
+            and with ``sync_free=True``; then what each way of reading the
+            positions' extent costs per check (benchmarks/bench_bounds.py:
+            the old stack + tolist, rope_patch.cache.bounds' one kernel,
+            pinned memory + event, and no kernel for a tensor already read);
 compile     a small Qwen3 step under ``torch.compile(fullgraph=True)``,
             patched vs unpatched: step time and logits;
 graph       that step captured in a CUDA graph, unpatched / patched /
@@ -60,6 +63,7 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
+import bench_bounds  # noqa: E402
 import rope_patch  # noqa: E402
 from harness import generate as gen  # noqa: E402
 from harness.common import MODELS, build_rotary, dtype_name, forward_latency, model_config, rotary_class  # noqa: E402
@@ -356,6 +360,7 @@ def part_latency(device, deadline: Deadline, outcome: Outcome, args) -> None:
         outcome.fail(f"latency: {error}")
     finally:
         _print_latency(rows)
+    _bounds_latency(device, deadline, outcome, args)
     for mode, r in rows:
         outcome.row(
             "latency",
@@ -372,6 +377,28 @@ def part_latency(device, deadline: Deadline, outcome: Outcome, args) -> None:
                 f"latency {r.label} bf16 {r.shape[0]}x{r.shape[1]} {mode}: unpatched {r.unpatched_us:.1f} us, "
                 f"patched {r.patched_us:.1f} us ({r.speedup:.2f}x), floor {_us(r.floor_us)} us"
             )
+
+
+def _bounds_latency(device, deadline: Deadline, outcome: Outcome, args) -> None:
+    """Per-check cost of each way of reading the positions' extent."""
+    if deadline.passed():
+        outcome.skip("latency", "deadline before the bound-check ways")
+        return
+    rounds, calls = (3, 20) if args.cpu_smoke else (11, 200)
+    try:
+        checks = bench_bounds.measure(device, rounds=rounds, calls=calls)
+    except AssertionError as error:
+        outcome.fail(f"latency: bound-check ways: {error}")
+        return
+    base = {r["shape"]: r["us"] for r in checks if r["way"] == "stack + tolist"}
+    log("| shape | way of reading the extent | us per check | vs stack + tolist |")
+    log("|---|---|---|---|")
+    for r in checks:
+        log(f"| {r['shape']} | {r['way']} | {r['us']:.2f} | {r['us'] / base[r['shape']]:.2f}x |")
+        outcome.row("bounds", shape=r["shape"], way=r["way"], us=r["us"], ratio=r["us"] / base[r["shape"]])
+        if r["shape"] == "1x1":
+            outcome.summary.append(f"bound check 1x1 {r['way']}: {r['us']:.2f} us")
+    log()
 
 
 def _us(value) -> str:
@@ -930,6 +957,11 @@ TABLES = {
             _us(r["floor_us"]),
             f"**{r['speedup']:.2f}x**",
         ],
+    ),
+    "bounds": (
+        "The exact bound check: microseconds per reading of the positions' extent (median)",
+        ["transformers", "shape", "way", "us", "vs stack + tolist"],
+        lambda r: [r["transformers"], r["shape"], r["way"], f"{r['us']:.2f}", f"{r['ratio']:.2f}x"],
     ),
     "robustness": (
         "bf16 under use_deterministic_algorithms(True), CUBLAS_WORKSPACE_CONFIG=:4096:8: NaN counts",

@@ -5,6 +5,7 @@ they answer.
 Layout:
 
 - :mod:`~rope_patch.cache.rule` -- may a table answer this call? (the one rule)
+- :mod:`~rope_patch.cache.bounds` -- where a call's positions lie (the exact check on accelerators)
 - :mod:`~rope_patch.cache.watch` -- what the forward reads, and whether it still does
 - :mod:`~rope_patch.cache.table` -- a table: columns, size, device, watch, forms
 - :mod:`~rope_patch.cache.forms` -- how a table answers each layout of positions

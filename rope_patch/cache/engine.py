@@ -22,10 +22,8 @@ import os
 import threading
 import weakref
 
-import torch
-
 from rope_patch import settings as settings_module
-from rope_patch.cache import rule
+from rope_patch.cache import bounds, rule
 from rope_patch.cache.build import build_table
 from rope_patch.cache.families import family_for
 from rope_patch.cache.forms import axes as axes_form
@@ -35,9 +33,6 @@ from rope_patch.discovery import VISION_REASON, is_vision
 from rope_patch.identity import difference
 
 logger = logging.getLogger("rope_patch.cache")
-
-_aminmax = torch.aminmax
-_stack = torch.stack
 
 
 class ModuleState:
@@ -107,6 +102,7 @@ def forget_all() -> None:
                 state.never.clear()
                 state.fallback = None
         observed_fallbacks.clear()
+    bounds.forget()
 
 
 def _after_fork_in_child() -> None:
@@ -211,7 +207,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     if type(position_ids) is int:
         low, high = 0, position_ids - 1
     else:
-        low, high = _stack(_aminmax(position_ids)).tolist()
+        low, high = bounds.extent(position_ids)
     call.limit = family.limit(module, layer_type, high, state.cap) if family else state.cap
     if low < 0 or high >= call.limit:
         return call.compute()

@@ -30,8 +30,9 @@ whatever the tables, while
    here too);
 8. on accelerators: no CUDA graph is being captured (the graph would hold
    on to this table, which a rebuild frees), and the positions are inside
-   the table (exact host check, one sync) unless sync-free mode pre-sized
-   it; on CPU the gather itself raises for positions outside it;
+   the table (exact host check, one sync, rope_patch.cache.bounds) unless
+   sync-free mode pre-sized it; on CPU the gather itself raises for
+   positions outside it;
 9. the module's frequency state is the table's (``Watch.holds``: every
    buffer, parameter, attribute and config value the forward read, and no
    read tensor requires grad while grad is enabled);
@@ -50,6 +51,7 @@ import threading
 
 import torch
 
+from rope_patch.cache import bounds
 from rope_patch.cache.table import INDEX_DTYPES
 
 _C = torch._C
@@ -59,8 +61,7 @@ _is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is
 _is_tracing = _C._is_tracing
 _functorch_level = _C._functorch.maybe_current_level
 _dispatch_modes = _C._len_torch_dispatch_stack
-_aminmax = torch.aminmax
-_stack = torch.stack
+_in_bounds = bounds.in_bounds
 
 
 class _Local(threading.local):
@@ -113,7 +114,7 @@ def answering_form(table, x, position_ids, updated: bool = False):
             return None
     elif position_ids.device != table.device or capturing(table.device):
         return None
-    elif table.bound_check and not in_bounds(position_ids, table.size):
+    elif table.bound_check and not _in_bounds(position_ids, table.size, table):
         return None
     if not table.watch.holds():
         return None
@@ -140,13 +141,3 @@ def answerable(x, position_ids) -> bool:
 def capturing(device: torch.device) -> bool:
     """A CUDA graph is being captured on ``device``'s kind: no host sync, no table."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def in_bounds(position_ids, size: int) -> bool:
-    """``0 <= position_ids < size``, checked exactly on the host (one sync).
-
-    An out-of-range gather on an accelerator is a device-side assert that
-    poisons the process (vLLM #9965), so it must not be attempted.
-    """
-    low, high = _stack(_aminmax(position_ids)).tolist()
-    return 0 <= low and high < size
