@@ -112,15 +112,22 @@ def answered_forms(module) -> set[str]:
     return {form for table in rope_patch.cache_info(module).tables for form in table.forms}
 
 
-class CallsCos(torch.overrides.TorchFunctionMode):
-    """Records whether any torch ``cos`` ran: the unpatched forward computes
-    one, an answer from a table does not."""
+class TorchCalls(torch.overrides.TorchFunctionMode):
+    """Records the names of the torch functions called inside it."""
 
     def __init__(self):
         super().__init__()
-        self.seen = False
+        self.names: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") == "cos":
-            self.seen = True
+        self.names.add(getattr(func, "__name__", ""))
         return func(*args, **(kwargs or {}))
+
+
+class CallsCos(TorchCalls):
+    """Records whether any torch ``cos`` ran: the unpatched forward computes
+    one, an answer from a table does not."""
+
+    @property
+    def seen(self) -> bool:
+        return "cos" in self.names

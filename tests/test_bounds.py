@@ -59,17 +59,13 @@ def test_extent_is_the_minimum_and_maximum(make, dtype):
     assert bounds.extent(positions) == (positions.min().item(), positions.max().item())
 
 
-def test_in_bounds_is_exact_at_both_ends():
-    for values, size, inside in (([[0, 9]], 10, True), ([[0, 10]], 10, False), ([[-1, 3]], 10, False)):
-        assert bounds.in_bounds(torch.tensor(values), size, object()) is inside
-
-
 def test_the_same_unchanged_tensor_is_reduced_once_for_every_other_table(reductions):
     positions = torch.tensor([[3, 4, 5]])
     first, second, third = object(), object(), object()
-    assert bounds.in_bounds(positions, 8, first)
-    assert bounds.in_bounds(positions, 8, second)
-    assert not bounds.in_bounds(positions, 5, third)
+    assert bounds.extent(positions, first) == (3, 5)
+    assert bounds.extent(positions, second) == (3, 5)
+    assert bounds.extent(positions, third) == (3, 5)
+    assert bounds.extent(positions) == (3, 5)  # the slow path (no table yet)
     assert reductions[0] == 1
 
 
@@ -78,10 +74,10 @@ def test_a_table_asking_again_about_the_same_tensor_reduces_again(reductions):
     # (no version bump): the next step is the same table asking again.
     positions = torch.tensor([[3, 4, 5]])
     table, other = object(), object()
-    assert bounds.in_bounds(positions, 8, table)
+    assert bounds.extent(positions, table) == (3, 5)
     positions.numpy()[0, 2] = 50  # written behind torch's back
-    assert not bounds.in_bounds(positions, 8, table)
-    assert not bounds.in_bounds(positions, 8, other)  # the fresh reading serves the other table
+    assert bounds.extent(positions, table) == (3, 50)
+    assert bounds.extent(positions, other) == (3, 50)  # the fresh reading serves the other table
     assert reductions[0] == 2
 
 
@@ -99,9 +95,9 @@ def test_a_table_asking_again_about_the_same_tensor_reduces_again(reductions):
 def test_an_edited_tensor_is_reduced_again(reductions, edit):
     positions = torch.tensor([[3, 4, 5]])
     table, other = object(), object()
-    assert bounds.in_bounds(positions, 8, table)
+    assert bounds.extent(positions, table) == (3, 5)
     edit(positions)
-    assert not bounds.in_bounds(positions, 8, other)
+    assert bounds.extent(positions, other) == (positions.min().item(), positions.max().item()) != (3, 5)
     assert reductions[0] == 2
 
 
@@ -109,9 +105,9 @@ def test_inference_tensors_are_always_reduced(reductions):
     table, other = object(), object()
     with torch.inference_mode():
         positions = torch.tensor([[3, 4, 5]])
-        assert bounds.in_bounds(positions, 8, table)
+        assert bounds.extent(positions, table) == (3, 5)
         positions.add_(100)  # no version counter records this
-        assert not bounds.in_bounds(positions, 8, other)
+        assert bounds.extent(positions, other) == (103, 105)
     assert reductions[0] == 2
 
 

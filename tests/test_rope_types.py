@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import rope_patch
-from tests.conftest import CallsCos, answered, assert_identical, module_state, unpatched
+from tests.conftest import TorchCalls, answered, assert_identical, module_state, unpatched
 from tests import models
 from tests.models import llama_rotary, transformers_major
 
@@ -92,16 +92,22 @@ def follow(module, twin, calls):
     same sequence of positions: identical outputs and identical module state
     after every call. Returns whether each call computed cos (False: it was
     answered from a table)."""
-    computed = []
+    return ["cos" in names for names in follow_calls(module, twin, calls)]
+
+
+def follow_calls(module, twin, calls):
+    """:func:`follow`, returning the names of the torch functions each
+    patched call ran."""
+    names = []
     for positions in calls:
         x = torch.randn(positions.shape[0], positions.shape[1], 64)
         expected = unpatched(twin, x, positions)
-        with CallsCos() as spy:
+        with TorchCalls() as spy:
             actual = module(x, positions)
         assert_identical(expected, actual)
         assert module_state(module) == module_state(twin), f"state differs after positions up to {int(positions.max())}"
-        computed.append(spy.seen)
-    return computed
+        names.append(spy.names)
+    return names
 
 
 def test_dynamic_ntk_in_range_calls_are_answered_and_state_follows(patched):
@@ -122,6 +128,21 @@ def test_longrope_switches_frequency_sets_like_the_original(patched):
     # Both sets are answered from tables once seen; switching back reuses the first.
     assert computed[1] is False and computed[3] is False and computed[4] is False and computed[5] is False
     assert len(rope_patch.cache_info(module).tables) == 2
+
+
+def test_longrope_long_set_calls_are_answered_without_the_update(patched):
+    # Once the long set is the module's and its table verified, a call that
+    # reaches the original maximum needs no update (it would select the set
+    # the module holds): neither its torch.max nor a cos runs.
+    module, twin = longrope_rotary(), longrope_rotary()
+    follow(module, twin, [torch.arange(300)[None], torch.tensor([[300]]), torch.tensor([[301]])])
+    decode = [torch.tensor([[302 + n]]) for n in range(3)]
+    mixed = [torch.tensor([[5], [400]]), torch.tensor([[256, 10]])]  # the largest position decides
+    for positions, names in zip(decode + mixed, follow_calls(module, twin, decode + mixed)):
+        assert not {"max", "cos"} & names, (positions.tolist(), sorted(names))
+    # A call below the original maximum is the update's: back to the short set.
+    (names,) = follow_calls(module, twin, [torch.tensor([[255]])])
+    assert "max" in names
 
 
 def test_longrope_batch_with_one_long_row_uses_the_long_set(patched):

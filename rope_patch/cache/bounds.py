@@ -1,6 +1,7 @@
-"""Where a call's positions lie: the exact range check before a table
-answers on an accelerator, and the slow path's reading of the positions'
-extent.
+"""Where a call's positions lie: the smallest and largest position, read
+on the host for the exact range check before a table answers on an
+accelerator, for longrope's long set (rope_patch.cache.families), and by
+the slow path to size a table.
 
 An out-of-range gather on an accelerator is a device-side assert that
 poisons the process (vLLM #9965), so before a table answers there the
@@ -63,19 +64,6 @@ class _Buffers(threading.local):
 
 
 _buffers = _Buffers()
-
-
-def in_bounds(position_ids: torch.Tensor, size: int, user: object) -> bool:
-    """``0 <= position_ids < size``, exactly.
-
-    Args:
-        position_ids: a non-empty int64/int32 tensor.
-        size: the table's size in positions.
-        user: the table asking (its id marks the known extent as used: the
-            same table asking about the same tensor again reduces again).
-    """
-    low, high = extent(position_ids, user)
-    return 0 <= low and high < size
 
 
 def extent(position_ids: torch.Tensor, user: object = None) -> tuple[int, int]:

@@ -218,7 +218,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
         if new is None:
             return call.compute()
         if family is not None:
-            new.needs_update = family.needs_update(module, layer_type, new.size)
+            new.top_from = family.top_from(module, layer_type, new.size)
             if other_state is not None and family.name == "longrope":
                 state.spares[key] = other_state  # the other frequency set: kept for switching back
         state.tables[key] = table = new

@@ -28,8 +28,10 @@ nothing (the state already is what the call's positions select). What a
   ``original_max_seq_len`` (tables stop there); scaled states are computed
   unpatched;
 - longrope: the short set, positions below the original maximum (tables
-  stop there); the long set answers only after the update ran
-  (``Table.needs_update``), since it depends on the call's maximum.
+  stop there); the long set, calls whose largest position is at or past
+  the original maximum (``Table.top_from``: the call's largest position is
+  read, as on accelerators for the bound check), or any call after the
+  update ran.
 """
 
 from __future__ import annotations
@@ -70,10 +72,16 @@ class Family:
         original = getattr(module, "original_max_seq_len", None)
         return type(cached) is int and cached == original
 
-    def needs_update(self, module, layer_type, size: int) -> bool:
-        """A table of ``size`` positions in the current state answers only
-        after the update ran for the call (longrope's long set)."""
-        return self.name == "longrope" and size > longrope_threshold(module, layer_type)
+    def top_from(self, module, layer_type, size: int) -> int:
+        """0, or the largest position a call must reach for a table of
+        ``size`` positions in the current state to answer it without the
+        update (longrope's long set: the original maximum, where the update
+        would select the set the module already holds)."""
+        if self.name == "longrope":
+            threshold = longrope_threshold(module, layer_type)
+            if size > threshold:
+                return threshold
+        return 0
 
 
 def longrope_threshold(module, layer_type) -> int:

@@ -37,7 +37,9 @@ whatever the tables, while
    buffer, parameter, attribute and config value the forward read, and no
    read tensor requires grad while grad is enabled);
 10. the rope type's per-call state update is a no-op for this call, or has
-    just run (``table.needs_update``: longrope's long set).
+    just run (``table.top_from``: longrope's long set answers calls whose
+    largest position is at or past the original maximum; one reading of
+    the positions' extent serves this and the bound check).
 
 The replacement forward and the slow path also require ``x`` and
 position_ids to be plain tensors (subclasses, fake and functional tensors
@@ -61,7 +63,7 @@ _is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is
 _is_tracing = _C._is_tracing
 _functorch_level = _C._functorch.maybe_current_level
 _dispatch_modes = _C._len_torch_dispatch_stack
-_in_bounds = bounds.in_bounds
+_extent = bounds.extent
 
 
 class _Local(threading.local):
@@ -105,8 +107,6 @@ def answering_form(table, x, position_ids, updated: bool = False):
     form = table.forms.get(position_ids.dim())
     if form is None or not form.verified or (form.axes and position_ids.shape[0] != form.axes):
         return None
-    if table.needs_update and not updated:
-        return None
     if position_ids.dtype not in INDEX_DTYPES or not position_ids.numel():
         return None
     if table.on_cpu:
@@ -114,8 +114,12 @@ def answering_form(table, x, position_ids, updated: bool = False):
             return None
     elif position_ids.device != table.device or capturing(table.device):
         return None
-    elif table.bound_check and not _in_bounds(position_ids, table.size, table):
-        return None
+    if table.bound_check or (table.top_from and not updated):
+        low, high = _extent(position_ids, table)
+        if table.bound_check and (low < 0 or high >= table.size):
+            return None
+        if high < table.top_from and not updated:
+            return None
     if not table.watch.holds():
         return None
     return form
