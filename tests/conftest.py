@@ -3,6 +3,7 @@ test, and the one comparison every test uses."""
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -113,14 +114,18 @@ def answered_forms(module) -> set[str]:
 
 
 class TorchCalls(torch.overrides.TorchFunctionMode):
-    """Records the names of the torch functions called inside it."""
+    """Counts the torch functions called inside it, by name."""
 
     def __init__(self):
         super().__init__()
-        self.names: set[str] = set()
+        self.counts: collections.Counter = collections.Counter()
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.counts)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.add(getattr(func, "__name__", ""))
+        self.counts[getattr(func, "__name__", "")] += 1
         return func(*args, **(kwargs or {}))
 
 

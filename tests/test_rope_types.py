@@ -92,12 +92,12 @@ def follow(module, twin, calls):
     same sequence of positions: identical outputs and identical module state
     after every call. Returns whether each call computed cos (False: it was
     answered from a table)."""
-    return ["cos" in names for names in follow_calls(module, twin, calls)]
+    return ["cos" in counts for counts in follow_calls(module, twin, calls)]
 
 
 def follow_calls(module, twin, calls):
-    """:func:`follow`, returning the names of the torch functions each
-    patched call ran."""
+    """:func:`follow`, returning for each patched call the torch functions it
+    ran (name -> count)."""
     names = []
     for positions in calls:
         x = torch.randn(positions.shape[0], positions.shape[1], 64)
@@ -106,7 +106,7 @@ def follow_calls(module, twin, calls):
             actual = module(x, positions)
         assert_identical(expected, actual)
         assert module_state(module) == module_state(twin), f"state differs after positions up to {int(positions.max())}"
-        names.append(spy.names)
+        names.append(spy.counts)
     return names
 
 
@@ -119,6 +119,17 @@ def test_dynamic_ntk_in_range_calls_are_answered_and_state_follows(patched):
     # Scaled (past the original maximum, or back at exactly it while scaled): computed.
     assert computed[3] and computed[4] and computed[7]
     assert answered(module)
+
+
+def test_scaled_dynamic_ntk_calls_run_the_unpatched_forward_once(patched):
+    # While scaled, every decode step is a new state: no table can answer,
+    # and the call must cost what the unpatched one does (one update, one
+    # computation), not an extra update on top.
+    module, twin = (llama_rotary(DYNAMIC, max_position_embeddings=256) for _ in range(2))
+    follow(module, twin, [torch.arange(16)[None], torch.arange(17)[None], torch.arange(600)[None]])
+    for counts in follow_calls(module, twin, [torch.tensor([[600 + n]]) for n in range(3)]):
+        assert counts["max"] == 1 and counts["cos"] == 1, dict(counts)
+    assert follow(module, twin, [torch.arange(16)[None], torch.arange(17)[None]]) == [True, False]
 
 
 def test_longrope_switches_frequency_sets_like_the_original(patched):
@@ -138,11 +149,11 @@ def test_longrope_long_set_calls_are_answered_without_the_update(patched):
     follow(module, twin, [torch.arange(300)[None], torch.tensor([[300]]), torch.tensor([[301]])])
     decode = [torch.tensor([[302 + n]]) for n in range(3)]
     mixed = [torch.tensor([[5], [400]]), torch.tensor([[256, 10]])]  # the largest position decides
-    for positions, names in zip(decode + mixed, follow_calls(module, twin, decode + mixed)):
-        assert not {"max", "cos"} & names, (positions.tolist(), sorted(names))
+    for positions, counts in zip(decode + mixed, follow_calls(module, twin, decode + mixed)):
+        assert not {"max", "cos"} & set(counts), (positions.tolist(), sorted(counts))
     # A call below the original maximum is the update's: back to the short set.
-    (names,) = follow_calls(module, twin, [torch.tensor([[255]])])
-    assert "max" in names
+    (counts,) = follow_calls(module, twin, [torch.tensor([[255]])])
+    assert "max" in counts
 
 
 def test_longrope_batch_with_one_long_row_uses_the_long_set(patched):

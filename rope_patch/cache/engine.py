@@ -42,21 +42,25 @@ class ModuleState:
         tables: (device, dtype, key arguments) -> the Table that answers.
         spares: (device, dtype, key arguments) -> a table of the rope type's
             other frequency state (longrope's other set), kept to switch back.
-        never: key -> why it is always computed unpatched (a rope type
-            whose frequencies change with the positions seen).
+        never: layer_type -> why it is always computed unpatched (a rope
+            type whose frequencies change in a way tables cannot follow).
+        parked: layer_type -> the Family of a rope type whose current
+            state no table holds (dynamic NTK while scaled): calls go
+            straight to the unpatched forward while that lasts.
         fallback: why this module is never cached, or None.
         cap: the largest table size in positions.
         presize: sync-free mode: the size tables are built at.
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("tables", "spares", "never", "fallback", "cap", "presize", "lock")
+    __slots__ = ("tables", "spares", "never", "parked", "fallback", "cap", "presize", "lock")
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
         #: key -> a table of another frequency state (longrope's other set)
         self.spares: dict = {}
         self.never: dict = {}
+        self.parked: dict = {}
         self.fallback: str | None = None
         max_positions = max_position_embeddings(module)
         self.cap = settings.max_positions or max(max_positions or 0, settings_module.DEFAULT_MIN_CAP)
@@ -100,6 +104,7 @@ def forget_all() -> None:
                 state.tables.clear()
                 state.spares.clear()
                 state.never.clear()
+                state.parked.clear()
                 state.fallback = None
         observed_fallbacks.clear()
     bounds.forget()
@@ -159,9 +164,16 @@ def call(module, original, x, position_ids, layer_type, extra: tuple):
         layer_type: the key argument (None for forwards without one).
         extra: the arguments after position_ids, as the call passed them.
     """
+    state = states.get(id(module))
+    if state is not None and (state.never or state.parked):  # the unpatched forward, at once
+        if layer_type in state.never:
+            return original(module, x, position_ids, *extra)
+        family = state.parked.get(layer_type)
+        if family is not None and not family.cacheable(module, layer_type):
+            return original(module, x, position_ids, *extra)  # still a state no table holds
     if not rule.answerable(x, position_ids):
         return original(module, x, position_ids, *extra)
-    state = state_for(module)
+    state = state or state_for(module)
     if state.fallback is not None:
         return original(module, x, position_ids, *extra)
     with state.lock:
@@ -188,18 +200,24 @@ class _Call:
 
 def _answer(state: ModuleState, module, original, x, position_ids, layer_type, extra: tuple):
     key = (x.device, x.dtype, layer_type)
-    if key in state.never:
-        return original(module, x, position_ids, *extra)
     family = family_for(module, original, layer_type)
     if isinstance(family, str):  # a rope type we cannot follow
-        state.never[key] = family
+        state.never[layer_type] = family
         return original(module, x, position_ids, *extra)
     call = _Call(module, x, position_ids, extra, original)
     if family is not None:
         if type(position_ids) is int or position_ids.dim() != 2:  # tables of changing rope types: 2-D calls only
             return call.compute()
+        if not family.cacheable(module, layer_type):
+            # A state no table holds (dynamic, scaled): the unpatched forward,
+            # with its own update (which may bring the module back); until
+            # then, later calls skip the slow path (``call``).
+            state.parked[layer_type] = family
+            return call.compute()
+        state.parked.pop(layer_type, None)
         family.update(module, x, position_ids, *extra)  # transformers' own state update
         if not family.cacheable(module, layer_type):
+            state.parked[layer_type] = family
             return call.compute()
     table = _current_table(state, key)
     if table is not None and table.watch.needs_grad():

@@ -1,18 +1,23 @@
-"""Per-call latency of a longrope rotary (Phi-3-mini-128k-shaped: head_dim
-96, original maximum 4096, maximum 131072), on both frequency sets.
+"""Per-call latency of rotaries whose rope type changes state between
+calls: longrope (Phi-3-mini-128k-shaped: head_dim 96, original maximum
+4096, maximum 131072) and dynamic NTK (Llama-shaped: head_dim 128, original
+maximum 4096, factor 2), each in both its states.
 
-Longrope picks its short or long frequency set per call from the call's
-largest position (transformers' ``dynamic_rope_update``). The patched
-forward answers the short set from its table (positions below the original
-maximum) and the long set from its own table when the call's largest
-position is at or past the original maximum (one reading of the positions'
-extent); other calls run transformers' update first. This times, one
-thread, alternating blocks (thread CPU time, medians), the forward function
-as a model calls it, unpatched (the class's original function, on a twin
-module, so each keeps its own state) and patched, for decode and prefill
-at position 1000 (short set) and 8000 (long set):
+transformers' ``dynamic_rope_update`` updates the module's frequencies per
+call from the call's largest position. The patched forward answers from a
+table where that update would change nothing: longrope's short set
+(positions below the original maximum) and its long set (calls whose
+largest position is at or past it; one reading of the positions' extent),
+dynamic while unscaled. A scaled dynamic state is new at every growth: no
+table holds it, and the call must cost what the unpatched one does.
 
-    python benchmarks/bench_longrope.py [--dtype fp32,bf16] [--rounds 21]
+One thread, alternating blocks (thread CPU time, medians), the forward
+function as a model calls it, unpatched (the class's original function, on
+a twin module, so that each keeps its own state) and patched, decode and
+prefill at positions starting at 1000 (short set, unscaled) and 8000 (long
+set, scaled):
+
+    python benchmarks/bench_rope_types.py [--dtype fp32,bf16] [--rounds 21]
 """
 
 from __future__ import annotations
@@ -33,21 +38,18 @@ import rope_patch  # noqa: E402
 from rope_patch.forward import original_of  # noqa: E402
 from rope_patch.identity import difference  # noqa: E402
 
-HEAD_DIM = 96
 ORIGINAL = 4096
 SHAPES = ((1, 1), (8, 1), (1, 512))
-STARTS = {"short set": 1000, "long set": 8000}
 
 
-def rotary():
-    """A fresh Phi-3-mini-128k-shaped longrope rotary (factors as that model's
-    shape: 48 per set)."""
+def longrope():
+    """A fresh Phi-3-mini-128k-shaped longrope rotary (48 factors per set)."""
     import transformers
     from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-    half = HEAD_DIM // 2
+    half = 96 // 2
     config = transformers.Phi3Config(
-        hidden_size=HEAD_DIM * 32,
+        hidden_size=96 * 32,
         num_attention_heads=32,
         max_position_embeddings=131072,
         original_max_position_embeddings=ORIGINAL,
@@ -60,6 +62,30 @@ def rotary():
     return Phi3RotaryEmbedding(config)
 
 
+def dynamic():
+    """A fresh Llama-shaped dynamic NTK rotary (original maximum 4096)."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = transformers.LlamaConfig(
+        head_dim=128,
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=ORIGINAL,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    return LlamaRotaryEmbedding(config)
+
+
+#: label -> (rotary factory, head_dim, first position)
+CASES = {
+    "longrope short set": (longrope, 96, 1000),
+    "longrope long set": (longrope, 96, 8000),
+    "dynamic unscaled": (dynamic, 128, 1000),
+    "dynamic scaled": (dynamic, 128, 8000),
+}
+
+
 def block(function, calls: int) -> float:
     """Microseconds per call of ``function``, thread CPU time."""
     start = time.thread_time_ns()
@@ -69,15 +95,15 @@ def block(function, calls: int) -> float:
 
 
 def measure(dtype, rounds: int, calls: int = 300) -> list[tuple]:
-    """(set, shape, unpatched us, patched us) per set and shape."""
+    """(case, shape, unpatched us, patched us) per case and shape."""
     rows = []
-    for name, start in STARTS.items():
+    for name, (rotary, head_dim, start) in CASES.items():
         for batch, seq in SHAPES:
             module, twin = rotary(), rotary()
             forward = type(module).forward
             original = original_of(forward)
             positions = (torch.arange(seq) + start).expand(batch, seq).contiguous()
-            x = torch.zeros(batch, seq, HEAD_DIM, dtype=dtype)
+            x = torch.zeros(batch, seq, head_dim, dtype=dtype)
             with torch.no_grad():
                 for _ in range(3):  # build, verify, answer
                     problem = difference(original(twin, x, positions), forward(module, x, positions))
@@ -104,12 +130,12 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, one thread, "
         f"{args.rounds} alternating blocks, microseconds per call (median)"
     )
-    print("| dtype | set | shape | unpatched us | patched us | speedup |")
+    print("| dtype | case | shape | unpatched us | patched us | speedup |")
     print("|---|---|---|---|---|---|")
     for name in args.dtype.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        for frequency_set, shape, plain, patched in measure(dtype, args.rounds):
-            print(f"| {name} | {frequency_set} | {shape} | {plain:.1f} | {patched:.1f} | **{plain / patched:.2f}x** |")
+        for case, shape, plain, patched in measure(dtype, args.rounds):
+            print(f"| {name} | {case} | {shape} | {plain:.1f} | {patched:.1f} | **{plain / patched:.2f}x** |")
 
 
 if __name__ == "__main__":
