@@ -74,6 +74,8 @@ def _positions_forward(original, extra_parameter):
             extra = ()
         state = states.get(id(self))
         if state is not None:
+            if state.fallback is not None:  # this module is never cached
+                return original(self, x, position_ids, *extra)
             table = state.tables.get((x.device, x.dtype, layer_type))
             if table is not None:
                 form = _answering_form(table, x, position_ids)
@@ -82,8 +84,8 @@ def _positions_forward(original, extra_parameter):
                         return form.lookup(self, x, position_ids)
                     except (IndexError, RuntimeError):
                         pass  # outside the table on CPU: the slow path grows it
-            elif state.fallback is not None:  # this module is never cached
-                return original(self, x, position_ids, *extra)
+                elif table.forms.get(position_ids.dim(), table) is None:  # a layout it never answers
+                    return original(self, x, position_ids, *extra)
         return slow_call(self, original, x, position_ids, layer_type, extra)
 
     return _mark(forward, original, retired)
@@ -105,13 +107,13 @@ def _prefix_forward(original):
             return original(self, x, *args, **kwargs)
         state = states.get(id(self))
         if state is not None:
+            if state.fallback is not None:
+                return original(self, x, seq_len)
             table = state.tables.get((x.device, x.dtype, None))
             if table is not None:
                 form = _answering_form(table, x, seq_len)
                 if form is not None:
                     return form.lookup(self, x, seq_len)
-            elif state.fallback is not None:
-                return original(self, x, seq_len)
         return slow_call(self, original, x, seq_len, None, ())
 
     return _mark(forward, original, retired)

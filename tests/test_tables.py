@@ -205,3 +205,56 @@ def test_a_forward_that_is_not_position_elementwise_falls_back_with_one_warning(
     warnings = [r for r in caplog.records if "NormalisedRotaryEmbedding" in r.getMessage()]
     assert len(warnings) == 1
     assert rope_patch.cache_info(module).fallback
+
+
+def test_a_forward_that_only_gathers_from_its_own_buffer_is_left_to_itself(patched, monkeypatch):
+    # GPT-J and CodeGen: ``embed_positions[position_ids]`` split in two. It is
+    # already a table lookup; answering it from another one would only add
+    # the wrapper's work (it measured 0.57-0.69x of unpatched at decode).
+    class GatheringRotaryEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            angles = torch.arange(512.0)[:, None] * torch.rand(8)
+            self.embed_positions = torch.nn.Buffer(torch.cat((angles.sin(), angles.cos()), dim=1), persistent=False)
+
+        def forward(self, x, position_ids):
+            sincos = self.embed_positions[position_ids].to(x.dtype)
+            return torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+
+    rope_patch.patch_class(GatheringRotaryEmbedding)
+    module = GatheringRotaryEmbedding()
+    x = torch.randn(1, 3, 64)
+    for positions in (torch.tensor([[0, 1, 2]]), torch.tensor([[7, 300, 9]])):
+        assert_identical(unpatched(module, x, positions), module(x, positions))
+    info = rope_patch.cache_info(module)
+    assert not info.tables and "only gathers rows of its precomputed embed_positions" in info.fallback
+    slow = []
+    monkeypatch.setattr("rope_patch.forward.slow_call", lambda *args: slow.append(args))
+    assert_identical(unpatched(module, x, positions), module(x, positions))
+    assert not slow  # straight to the original: no table lookup, no slow path
+
+
+def test_a_position_layout_the_forward_refuses_goes_straight_to_it(patched, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    class PlanarOnlyRotaryEmbedding(LlamaRotaryEmbedding):
+        def forward(self, x, position_ids):
+            if position_ids.dim() != 2:
+                raise ValueError("position_ids must be (batch, seq)")
+            return super().forward(x, position_ids)
+
+    rope_patch.patch_class(PlanarOnlyRotaryEmbedding)
+    module = PlanarOnlyRotaryEmbedding(llama_config())
+    x, planar = torch.randn(1, 3, 64), torch.tensor([[4, 5, 6]])
+    for _ in range(2):
+        assert_identical(unpatched(module, x, planar), module(x, planar))
+    axes = planar[None].expand(3, 1, 3)
+    with pytest.raises(ValueError, match="must be"):
+        module(x, axes)  # learns that this layout is not for tables
+    slow = []
+    monkeypatch.setattr("rope_patch.forward.slow_call", lambda *args: slow.append(args))
+    with pytest.raises(ValueError, match="must be"):
+        module(x, axes)
+    assert not slow
+    assert_identical(unpatched(module, x, planar), module(x, planar))
+    assert rope_patch.cache_info(module).answered

@@ -12,6 +12,27 @@ from rope_patch.cache.table import NotCacheable, Table
 from rope_patch.cache.watch import Recorder, Unwatchable
 
 _MISSING = object()
+#: torch functions that only select, move or cast values: a forward that
+#: runs nothing else already answers from a precomputed buffer.
+MOVES = frozenset(
+    {
+        "__get__", "__getitem__", "to", "float", "half", "bfloat16", "type", "type_as", "split", "chunk", "unbind",
+        "view", "reshape", "contiguous", "expand", "unsqueeze", "squeeze", "transpose", "permute", "narrow",
+        "index_select", "embedding", "take", "gather", "clone", "detach", "size", "dim",
+    }
+)  # fmt: skip
+
+
+class _Ops(torch.overrides.TorchFunctionMode):
+    """The names of the torch functions the build call runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
 
 
 def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, axes: int = 0, prefix=False) -> Table:
@@ -28,7 +49,8 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     Raises:
         NotCacheable: the forward raised, returned something that is not a
             tensor or a tuple/list of tensors shaped like the positions,
-            returned slices of its own cache, changed the module's state,
+            returned slices of its own cache or only gathered from a
+            precomputed buffer, changed the module's state,
             read something that cannot be watched, or differs on the probe
             positions.
     """
@@ -46,7 +68,7 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     # rotary's business) never passes.
     neutral = x.new_zeros(()).expand(x.shape)
     try:
-        with exact_numerics(device.type), Recorder(module) as recorder:
+        with exact_numerics(device.type), Recorder(module) as recorder, _Ops() as ops:
             out = forward(module, neutral, index, *extra)
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
@@ -65,6 +87,9 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     own = _own_cache(module, outputs)
     if own is not None:
         raise NotCacheable(f"the forward already answers from its own cache ({own}): nothing to gain")
+    if ops.names <= MOVES:
+        read = ", ".join(sorted(entry[1] for entry in (*watch.tensors, *watch.inference))) or "a buffer"
+        raise NotCacheable(f"the forward only gathers rows of its precomputed {read}: nothing to gain")
     columns = form_class.columns_of(outputs, size, device)
     table = Table(columns, container, size, device, watch, bound_check)
     if not axes:
