@@ -7,6 +7,7 @@ import torch
 import rope_patch
 from rope_patch.cli.bench import MODELS, build_rotary, model_config, rotary_class
 from rope_patch.diagnostics import latency
+from tests.models import transformers_major
 
 
 @pytest.fixture
@@ -61,3 +62,17 @@ def test_benchmark_models_are_data():
         [latency.DECODE_POSITION],
         [latency.DECODE_POSITION + 13],
     ]
+
+
+def test_multi_axis_shapes_time_text_tokens_on_every_axis(patched):
+    positions = latency.position_ids_for((3, 2, 1), "cpu")
+    assert positions.shape == (3, 2, 1) and positions.is_contiguous()
+    assert (positions == latency.position_ids_for((2, 1), "cpu")).all()
+    assert latency.shape_name((3, 2, 1)) == "3x2x1"
+    module = build_rotary("qwen3")
+    if transformers_major() < 5:  # its batched matmul mixes 3-D positions up: not a layout for tables
+        with pytest.raises(RuntimeError, match="not answered from tables"):
+            latency.measure(module, torch.float32, ((1, 1), (3, 1, 1)), repeats=1, budget_s=0.01)
+        return
+    rows = latency.measure(module, torch.float32, ((3, 1, 1),), repeats=1, budget_s=0.01)
+    assert rows[0].shape == (3, 1, 1) and rows[0].patched_us > 0

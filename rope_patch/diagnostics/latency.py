@@ -252,13 +252,22 @@ class Floor(torch.nn.Module):
         return torch.embedding(self.cos, position_ids), torch.embedding(self.sin, position_ids)
 
 
-def position_ids_for(shape: tuple[int, int], device) -> torch.Tensor:
+def position_ids_for(shape: tuple[int, ...], device) -> torch.Tensor:
     """Contiguous int64 ``(batch, seq)`` positions: decode rows at distinct
-    positions from DECODE_POSITION, prefill rows ``0..seq-1``."""
+    positions from DECODE_POSITION, prefill rows ``0..seq-1``; for an
+    ``(axes, batch, seq)`` shape (M-RoPE), those on every axis (text tokens)."""
+    if len(shape) == 3:
+        axes, *plane = shape
+        return position_ids_for(tuple(plane), device)[None].expand(axes, *plane).contiguous()
     batch, seq = shape
     if seq == 1:
         return (DECODE_POSITION + 13 * torch.arange(batch, device=device))[:, None].contiguous()
     return torch.arange(seq, device=device)[None].expand(batch, seq).contiguous()
+
+
+def shape_name(shape: tuple[int, ...]) -> str:
+    """``(1, 512)`` -> ``"1x512"``."""
+    return "x".join(str(size) for size in shape)
 
 
 # --------------------------------------------------------------------------
@@ -336,7 +345,7 @@ def measure(
         if call == "module":  # the same instance, through __call__, with the original forward
             contexts["unpatched"] = lambda: as_class(module, unpatched_class(cls))
         for shape in shapes:
-            x = torch.zeros(*shape, hidden, device=device, dtype=dtype)
+            x = torch.zeros(*shape[-2:], hidden, device=device, dtype=dtype)  # (batch, seq, hidden)
             positions = position_ids_for(shape, device)
             args = (x, positions, *extra)
             expected = original(module, *args)
@@ -345,8 +354,10 @@ def measure(
             problem = difference(expected, got)
             assert problem is None, f"{label} {shape} {dtype}: patched differs from unpatched: {problem}"
             info = rope_patch.cache_info(module)
+            layouts = {"2-D"} if positions.dim() == 2 else {"3-D", "M-RoPE"}
             if not any(
-                (t.device, t.dtype, t.layer_type) == (x.device, dtype, layer_type) and t.verified for t in info.tables
+                (t.device, t.dtype, t.layer_type) == (x.device, dtype, layer_type) and layouts & set(t.forms)
+                for t in info.tables
             ):
                 why = info.fallback or "; ".join(info.unpatched) or "no call was answered from a table"
                 raise RuntimeError(f"{label} {shape} {dtype}: not answered from tables: {why}")
@@ -381,7 +392,7 @@ def measure(
             if progress:
                 floor_text = "" if row.floor_us is None else f", floor {row.floor_us:.1f}us"
                 progress(
-                    f"{label} {str(dtype).replace('torch.', '')} {shape[0]}x{shape[1]} threads={row.threads}: "
+                    f"{label} {str(dtype).replace('torch.', '')} {shape_name(shape)} threads={row.threads}: "
                     f"unpatched {row.unpatched_us:.1f}us patched {row.patched_us:.1f}us{floor_text} "
                     f"({row.speedup:.2f}x)"
                 )
