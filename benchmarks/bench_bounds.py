@@ -18,7 +18,8 @@ Times, per call, for decode (1x1) and prefill (1x512, 4x4096) positions:
   non-blocking copy into pinned host memory, an event waited on: the
   candidate that avoids a pageable copy;
 - *known (other table)*: ``bounds.extent`` for the same unchanged tensor
-  asked by another table (Gemma 3's second attention type): no kernel.
+  asked by another table of the same module (Gemma 3's second attention
+  type on transformers 5.x): no kernel.
 
     python benchmarks/bench_bounds.py [--device cuda] [--rounds 21]
 
@@ -42,6 +43,8 @@ if REPO not in sys.path:
 from rope_patch.cache import bounds  # noqa: E402
 
 SHAPES = ((1, 1), (1, 512), (4, 4096))
+#: Stands for the module whose tables ask (``id()`` of a module).
+MODULE = 1
 
 
 def _ways(device: torch.device, positions: torch.Tensor) -> dict:
@@ -55,7 +58,7 @@ def _ways(device: torch.device, positions: torch.Tensor) -> dict:
 
     def new_tensor():  # alternate two equal tensors: each call misses
         twins_used.reverse()
-        return bounds.extent(twins_used[0], table)
+        return bounds.extent(twins_used[0], MODULE, table)
 
     twins_used = list(twins)
     ways["bounds, a new tensor"] = new_tensor
@@ -73,15 +76,14 @@ def _ways(device: torch.device, positions: torch.Tensor) -> dict:
             return host.tolist()
 
         ways["pinned + event"] = pinned
-    users = [object(), object()]
-    bounds.extent(positions, users[0])  # the first table's reading
-    second = users[1]
+    first, second = object(), object()
+    bounds.extent(positions, MODULE, first)  # the first table's reading
 
     def known():
         # Ask as the second table every time (the first call of a block, after
         # another way replaced the known tensor, reads it: 1 call in ``calls``).
-        bounds._last.users.discard(id(second))
-        return bounds.extent(positions, second)
+        bounds._last.askers.discard(id(second))
+        return bounds.extent(positions, MODULE, second)
 
     ways["known (other table)"] = known
     return ways

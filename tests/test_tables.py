@@ -258,3 +258,23 @@ def test_a_position_layout_the_forward_refuses_goes_straight_to_it(patched, monk
     assert not slow
     assert_identical(unpatched(module, x, planar), module(x, planar))
     assert rope_patch.cache_info(module).answered
+
+
+def test_a_forward_whose_work_no_torch_function_sees_is_still_cached(patched):
+    # Work outside torch's Python dispatch (here under DisableTorchFunction,
+    # as in C++ extensions) leaves no op names: not taken for a gather.
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    class OpaqueRotaryEmbedding(LlamaRotaryEmbedding):
+        def forward(self, x, position_ids):
+            with torch._C.DisableTorchFunction():
+                freqs = position_ids[..., None].float() * self.inv_freq.float()
+                emb = torch.cat((freqs, freqs), dim=-1)
+                return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    rope_patch.patch_class(OpaqueRotaryEmbedding)
+    module = OpaqueRotaryEmbedding(llama_config())
+    x = torch.randn(1, 3, 64)
+    for positions in (torch.tensor([[0, 1, 2]]), torch.tensor([[7, 300, 9]])):
+        assert_identical(unpatched(module, x, positions), module(x, positions))
+    assert rope_patch.cache_info(module).answered

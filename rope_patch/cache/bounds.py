@@ -14,20 +14,21 @@ can be:
   buffer kept per thread, device and index dtype (no ``stack``, no new
   tensors), read with one copy.
 - **No kernel when the positions are provably known**: the tensor object
-  last reduced, unchanged since (same storage address, shape, strides and
-  in-place version counter), asked about by another table, is not reduced
-  again. That is a forward that calls its rotary once per layer type
-  (Gemma 3, ModernBERT, Olmo 3, ... : 21 model families on transformers
-  5.24), two rotary modules fed the same position_ids (transformers 4.57
-  Gemma 3), and the slow path, which reads the extent to size a table and
-  then checks it. A table asking again about the same tensor is taken for a
-  new step (a persistent position buffer rewritten by a kernel torch does
-  not see, such as a raw Triton launch) and reduces again, so a buffer
-  reused across steps is read once per step. Inference tensors have no
-  version counter and are always reduced.
+  last reduced for the same module, unchanged since (same storage address,
+  shape, strides and in-place version counter), asked about by another of
+  its tables or by the slow path of the same call, is not reduced again:
+  a forward that calls its rotary once per layer type (Gemma 3, ModernBERT,
+  Olmo 3, ... : 21 model families on transformers 5.24) reads once per
+  step, and so does a call that goes from the fast path to the slow path.
+  An asker asking again about the same tensor is taken for a new step (a
+  persistent position buffer refilled by a writer that bumps no version:
+  a raw Triton launch, ``dist.broadcast``, numpy through ``from_numpy``)
+  and reduces again; readings are never shared between modules (two models
+  may share a buffer refilled between their calls). Inference tensors have
+  no version counter and are always reduced.
 
-Not seen, as for frequencies (rope_patch.cache.watch): writes through
-``.data`` or by a foreign kernel between two rotary calls of one forward.
+Not seen, as for frequencies (rope_patch.cache.watch): a write that bumps
+no version between two rotary calls of one module within one forward.
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ _aminmax = torch.aminmax
 
 
 class _Seen:
-    """The last tensor reduced: what identifies its values, its extent, and
-    the tables (by id) that have asked about it."""
+    """The last tensor reduced: what identifies its values, its extent, the
+    module it was read for and who (by id) has asked about it since."""
 
-    __slots__ = ("ref", "key", "low", "high", "users")
+    __slots__ = ("ref", "key", "owner", "low", "high", "askers")
 
-    def __init__(self, ref, key, low: int, high: int):
-        self.ref, self.key, self.low, self.high = ref, key, low, high
-        self.users: set[int] = set()
+    def __init__(self, ref, key, owner: int, asker: int, low: int, high: int):
+        self.ref, self.key, self.owner, self.low, self.high = ref, key, owner, low, high
+        self.askers = {asker}
 
 
-#: One slot for the whole process, replaced (never mutated but ``users``)
+#: One slot for the whole process, replaced (never mutated but ``askers``)
 #: so that threads read a consistent entry; a miss is only a reduction.
 _last: _Seen | None = None
 
@@ -66,27 +67,33 @@ class _Buffers(threading.local):
 _buffers = _Buffers()
 
 
-def extent(position_ids: torch.Tensor, user: object = None) -> tuple[int, int]:
+def extent(position_ids: torch.Tensor, owner: int, asker: object) -> tuple[int, int]:
     """The smallest and largest value of ``position_ids`` (non-empty,
     int64/int32), read on the host: from the last reduction when it is
-    provably this tensor's and ``user`` has not asked about it yet (see the
-    module docstring), else with one reduction and one copy (a host sync on
-    accelerators)."""
+    provably this tensor's, was made for ``owner`` and ``asker`` has not
+    asked about it yet (see the module docstring), else with one reduction
+    and one copy (a host sync on accelerators).
+
+    Args:
+        owner: ``id()`` of the module whose call this is.
+        asker: who asks: one of its tables, or its state (the slow path).
+    """
     global _last
     key = _identity(position_ids)
     seen = _last
-    if key is not None and seen is not None and seen.ref() is position_ids and seen.key == key:
-        if user is None:
-            return seen.low, seen.high
-        if id(user) not in seen.users:
-            seen.users.add(id(user))
-            return seen.low, seen.high
+    if (
+        key is not None
+        and seen is not None
+        and seen.ref() is position_ids
+        and seen.owner == owner
+        and seen.key == key
+        and id(asker) not in seen.askers
+    ):
+        seen.askers.add(id(asker))
+        return seen.low, seen.high
     low, high = _reduce(position_ids)
     if key is not None:
-        fresh = _Seen(weakref.ref(position_ids), key, low, high)
-        if user is not None:
-            fresh.users.add(id(user))
-        _last = fresh
+        _last = _Seen(weakref.ref(position_ids), key, owner, id(asker), low, high)
     return low, high
 
 

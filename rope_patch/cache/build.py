@@ -13,7 +13,9 @@ from rope_patch.cache.watch import Recorder, Unwatchable
 
 _MISSING = object()
 #: torch functions that only select, move or cast values: a forward that
-#: runs nothing else already answers from a precomputed buffer.
+#: gathers (GATHERS) and runs nothing else already answers from a
+#: precomputed buffer. (Work a TorchFunctionMode does not see, in C++ or
+#: numpy, leaves no name: such a forward is not taken for a gather.)
 MOVES = frozenset(
     {
         "__get__", "__getitem__", "to", "float", "half", "bfloat16", "type", "type_as", "split", "chunk", "unbind",
@@ -21,6 +23,7 @@ MOVES = frozenset(
         "index_select", "embedding", "take", "gather", "clone", "detach", "size", "dim",
     }
 )  # fmt: skip
+GATHERS = frozenset({"__getitem__", "embedding", "index_select", "gather", "take"})
 
 
 class _Ops(torch.overrides.TorchFunctionMode):
@@ -87,11 +90,12 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     own = _own_cache(module, outputs)
     if own is not None:
         raise NotCacheable(f"the forward already answers from its own cache ({own}): nothing to gain")
-    if ops.names <= MOVES:
-        read = ", ".join(sorted(entry[1] for entry in (*watch.tensors, *watch.inference))) or "a buffer"
+    if ops.names & GATHERS and ops.names <= MOVES:
+        read = ", ".join(sorted(entry[1] for entry in (*watch.tensors, *watch.inference))) or "buffer"
         raise NotCacheable(f"the forward only gathers rows of its precomputed {read}: nothing to gain")
     columns = form_class.columns_of(outputs, size, device)
     table = Table(columns, container, size, device, watch, bound_check)
+    table.owner = id(module)  # not the module: tables must not keep it alive
     if not axes:
         form = form_class(table, forward, extra)
         form.probe(module, x)

@@ -225,7 +225,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     if type(position_ids) is int:
         low, high = 0, position_ids - 1
     else:
-        low, high = bounds.extent(position_ids)
+        low, high = bounds.extent(position_ids, id(module), state)
     call.limit = family.limit(module, layer_type, high, state.cap) if family else state.cap
     if low < 0 or high >= call.limit:
         return call.compute()
@@ -311,8 +311,8 @@ def _build(state: ModuleState, call: _Call, needed: int):
         return attempt(size)
     except NotCacheable as error:
         problem = error
-    # A forward whose own range ends before the rounded-up size (GPT-J's fixed
-    # embed_positions) gets a table of exactly ``needed`` positions, and the
+    # A forward whose own range ends before the rounded-up size (a fixed-size
+    # buffer it indexes) gets a table of exactly ``needed`` positions, and the
     # cap stops there. If the call itself raises, that exception propagates
     # and nothing is disabled.
     call.compute()

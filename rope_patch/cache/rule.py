@@ -115,7 +115,7 @@ def answering_form(table, x, position_ids, updated: bool = False):
     elif position_ids.device != table.device or capturing(table.device):
         return None
     if table.bound_check or (table.top_from and not updated):
-        low, high = _extent(position_ids, table)
+        low, high = _extent(position_ids, table.owner, table)
         if table.bound_check and (low < 0 or high >= table.size):
             return None
         if high < table.top_from and not updated:

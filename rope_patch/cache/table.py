@@ -37,13 +37,15 @@ class Table:
             from these columns (2: planar, 3: multi-axis M-RoPE).
         bound_check: accelerators only: check positions on the host before
             gathering (an out-of-range gather is a device-side assert there).
+        owner: ``id()`` of the module it answers (whose readings of
+            positions its tables share, rope_patch.cache.bounds).
         top_from: 0, or the smallest largest-position a call needs for the
             table to answer without the rope type's state update running
             first (longrope's long set: the original maximum; a call below it
             is the update's to switch sets).
     """
 
-    __slots__ = ("columns", "container", "size", "device", "on_cpu", "watch", "forms", "bound_check", "top_from")
+    __slots__ = ("columns", "container", "size", "device", "on_cpu", "watch", "forms", "bound_check", "top_from", "owner")
 
     def __init__(self, columns, container, size: int, device: torch.device, watch: Watch, bound_check: bool):
         self.columns = tuple(columns)
@@ -55,6 +57,7 @@ class Table:
         self.forms: dict = {}
         self.bound_check = bound_check
         self.top_from = 0
+        self.owner = None
 
     def nbytes(self) -> int:
         """Bytes held: the columns and whatever the forms add."""

@@ -25,7 +25,7 @@ class PlanarForm:
         verified: its first real call matched the unpatched forward.
         layouts: None when outputs are always contiguous. A dict when the
             forward's output layout follows the input (GPT-OSS and Llama4
-            text on 4.57, GPT-J): per input shape/strides, the output
+            text on 4.57): per input shape/strides, the output
             strides, learnt from the forward itself on the first call of
             that shape.
     """
