@@ -28,7 +28,8 @@ can be:
   no version counter and are always reduced.
 
 Not seen, as for frequencies (rope_patch.cache.watch): a write that bumps
-no version between two rotary calls of one module within one forward.
+no version between a call of one of a module's tables and the next call of
+another (in a model, between two layer types' rotary calls of one forward).
 """
 
 from __future__ import annotations
