@@ -15,6 +15,8 @@ from rope_patch.identity import difference
 _embedding = torch.embedding
 #: Remembered output layouts per form at most (then forgotten and relearnt).
 LAYOUT_MEMO_LIMIT = 64
+#: A remembered layout that is what a plain gather gives: no copy needed.
+_PLAIN = object()
 
 
 class PlanarForm:
@@ -65,25 +67,30 @@ class PlanarForm:
     def lookup(self, module, x, position_ids):
         """The forward's output for ``position_ids``. Raises IndexError on CPU
         for positions outside the table (the caller takes the slow path)."""
-        if self.pair is not None and self.layouts is None:
+        if self.layouts is not None:
+            key = (position_ids.shape, position_ids.stride())
+            strides = self.layouts.get(key)
+            if strides is not _PLAIN:
+                return self._lookup_with_layout(module, x, position_ids, key, strides)
+        if self.pair is not None:
             first, second = self.pair
             return _embedding(first, position_ids), _embedding(second, position_ids)
-        if self.layouts is not None:
-            return self._lookup_with_layout(module, x, position_ids)
         return self.table.pack([_embedding(column, position_ids) for column in self.table.columns])
 
-    def _lookup_with_layout(self, module, x, position_ids):
+    def _lookup_with_layout(self, module, x, position_ids, key, strides):
         """The first call with a new input shape/stride is answered by the
         forward itself (under exact numerics) and its output strides are
-        remembered; later calls gather and copy into that layout."""
-        key = (position_ids.shape, position_ids.stride())
-        strides = self.layouts.get(key)
+        remembered (as _PLAIN when they are a plain gather's: contiguous
+        positions, the usual case); later calls gather and copy into that
+        layout."""
         if strides is None:
             with exact_numerics(x.device.type):
                 out = self.forward(module, x, position_ids, *self.extra)
             if len(self.layouts) >= LAYOUT_MEMO_LIMIT:
                 self.layouts.clear()
-            self.layouts[key] = tuple(t.stride() for t in ((out,) if self.table.container is None else out))
+            learnt = tuple(t.stride() for t in ((out,) if self.table.container is None else out))
+            plain = tuple(_embedding(column, position_ids).stride() for column in self.table.columns)
+            self.layouts[key] = _PLAIN if learnt == plain else learnt
             return out
         out = []
         for column, stride in zip(self.table.columns, strides):
