@@ -6,7 +6,9 @@ position were read on the host (an out-of-range gather there is a
 device-side assert). Every way below ends in that host read, so on CUDA
 each call's wall time is its whole cost (the device is idle between calls;
 inside a real forward the read also waits for the work queued before it).
-Times, per call, for decode (1x1) and prefill (1x512, 4x4096) positions:
+Times, per call, in alternating blocks (rope_patch.diagnostics.latency.
+alternate: wall time on CUDA, this thread's CPU time on one CPU thread),
+for decode (1x1) and prefill (1x512, 4x4096) positions:
 
 - *stack + tolist*: ``torch.stack(torch.aminmax(p)).tolist()``, the check
   before rope_patch.cache.bounds (two kernels, two allocations, one copy);
@@ -32,7 +34,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -41,6 +42,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from rope_patch.cache import bounds  # noqa: E402
+from rope_patch.diagnostics import latency  # noqa: E402
 
 SHAPES = ((1, 1), (1, 512), (4, 4096))
 #: Stands for the module whose tables ask (``id()`` of a module).
@@ -80,8 +82,8 @@ def _ways(device: torch.device, positions: torch.Tensor) -> dict:
     bounds.extent(positions, MODULE, first)  # the first table's reading
 
     def known():
-        # Ask as the second table every time (the first call of a block, after
-        # another way replaced the known tensor, reads it: 1 call in ``calls``).
+        # Ask as the second table every time (the untimed first call of a
+        # block reads it again if another way replaced the known tensor).
         bounds._last.askers.discard(id(second))
         return bounds.extent(positions, MODULE, second)
 
@@ -89,10 +91,10 @@ def _ways(device: torch.device, positions: torch.Tensor) -> dict:
     return ways
 
 
-def measure(device="cpu", rounds: int = 21, calls: int = 200, shapes=SHAPES) -> list[dict]:
-    """Microseconds per check (median over ``rounds`` alternating blocks of
-    ``calls``), one row per (shape, way); every way is checked to read the
-    true extent first."""
+def measure(device="cpu", rounds: int = 21, shapes=SHAPES) -> list[dict]:
+    """Microseconds per check (median over ``rounds`` alternating blocks,
+    rope_patch.diagnostics.latency.alternate), one row per (shape, way);
+    every way is checked to read the true extent first."""
     device = torch.device(device)
     rows = []
     for batch, seq in shapes:
@@ -101,13 +103,7 @@ def measure(device="cpu", rounds: int = 21, calls: int = 200, shapes=SHAPES) -> 
         ways = _ways(device, positions)
         for name, way in ways.items():
             assert list(way()) == truth, name
-        times = {name: [] for name in ways}
-        for _ in range(rounds):
-            for name, way in ways.items():
-                start = time.perf_counter_ns()
-                for _ in range(calls):
-                    way()
-                times[name].append((time.perf_counter_ns() - start) / calls / 1e3)
+        times = latency.alternate({name: (way, ()) for name, way in ways.items()}, device, rounds=rounds)
         for name in ways:
             rows.append({"shape": f"{batch}x{seq}", "way": name, "us": statistics.median(times[name])})
     return rows

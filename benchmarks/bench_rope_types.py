@@ -26,7 +26,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -35,6 +34,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import rope_patch  # noqa: E402
+from rope_patch.diagnostics import latency  # noqa: E402
 from rope_patch.forward import original_of  # noqa: E402
 from rope_patch.identity import difference  # noqa: E402
 
@@ -86,16 +86,9 @@ CASES = {
 }
 
 
-def block(function, calls: int) -> float:
-    """Microseconds per call of ``function``, thread CPU time."""
-    start = time.thread_time_ns()
-    for _ in range(calls):
-        function()
-    return (time.thread_time_ns() - start) / calls / 1e3
-
-
-def measure(dtype, rounds: int, calls: int = 300) -> list[tuple]:
-    """(case, shape, unpatched us, patched us) per case and shape."""
+def measure(dtype, rounds: int) -> list[tuple]:
+    """(case, shape, unpatched us, patched us) per case and shape: medians of
+    ``rounds`` alternating blocks (rope_patch.diagnostics.latency.alternate)."""
     rows = []
     for name, (rotary, head_dim, start) in CASES.items():
         for batch, seq in SHAPES:
@@ -108,11 +101,8 @@ def measure(dtype, rounds: int, calls: int = 300) -> list[tuple]:
                 for _ in range(3):  # build, verify, answer
                     problem = difference(original(twin, x, positions), forward(module, x, positions))
                     assert problem is None, problem
-                variants = {"unpatched": lambda: original(twin, x, positions), "patched": lambda: forward(module, x, positions)}
-                times = {key: [] for key in variants}
-                for _ in range(rounds):
-                    for key, function in variants.items():
-                        times[key].append(block(function, calls if seq == 1 else calls // 10))
+                variants = {"unpatched": (original, (twin, x, positions)), "patched": (forward, (module, x, positions))}
+                times = latency.alternate(variants, "cpu", rounds=rounds)
             rows.append((name, f"{batch}x{seq}", statistics.median(times["unpatched"]), statistics.median(times["patched"])))
     return rows
 

@@ -20,23 +20,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import rope_patch
 from rope_patch import cache
+from rope_patch.diagnostics import latency
 from rope_patch.identity import bits
 
-CALLS = 2000
-
-
-def block(function, calls=CALLS) -> float:
-    """Microseconds per call of ``function``, thread CPU time."""
-    start = time.thread_time_ns()
-    for _ in range(calls):
-        function()
-    return (time.thread_time_ns() - start) / calls / 1e3
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
     assert rope_patch.patch()
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, one thread, "
-        f"{args.rounds} alternating blocks of {CALLS} calls, microseconds per call (median)"
+        f"{args.rounds} alternating blocks, microseconds per call (median)"
     )
     print("DTYPE  PATCHED  +VALUE CHECK  ADDED   WATCH ONLY  FLOOR")
     for name in args.dtype.split(","):
@@ -72,11 +63,7 @@ def main() -> None:
                 "watch": watch.holds,
                 "floor": lambda: (embedding(cos, positions), embedding(sin, positions)),
             }
-            times = {key: [] for key in variants}
-            for _ in range(args.rounds):
-                for key, function in variants.items():
-                    function()
-                    times[key].append(block(function))
+            times = latency.alternate({key: (function, ()) for key, function in variants.items()}, "cpu", rounds=args.rounds)
         median = {key: statistics.median(values) for key, values in times.items()}
         added = median["checked"] - median["patched"]
         print(

@@ -384,9 +384,8 @@ def _bounds_latency(device, deadline: Deadline, outcome: Outcome, args) -> None:
     if deadline.passed():
         outcome.skip("latency", "deadline before the bound-check ways")
         return
-    rounds, calls = (3, 20) if args.cpu_smoke else (11, 200)
     try:
-        checks = bench_bounds.measure(device, rounds=rounds, calls=calls)
+        checks = bench_bounds.measure(device, rounds=3 if args.cpu_smoke else 11)
     except AssertionError as error:
         outcome.fail(f"latency: bound-check ways: {error}")
         return

@@ -25,7 +25,7 @@ def _importable():
 def test_bench_bounds_reads_the_true_extent_every_way():
     import bench_bounds
 
-    rows = bench_bounds.measure("cpu", rounds=1, calls=2, shapes=((1, 1), (2, 8)))
+    rows = bench_bounds.measure("cpu", rounds=1, shapes=((1, 1), (2, 8)))
     ways = {row["way"] for row in rows}
     assert {"stack + tolist", "bounds (one kernel)", "bounds, a new tensor", "known (other table)"} <= ways
     assert all(row["us"] > 0 for row in rows)
@@ -35,7 +35,7 @@ def test_bench_rope_types_covers_both_states_of_both_types(patched, monkeypatch)
     import bench_rope_types
 
     monkeypatch.setattr(bench_rope_types, "SHAPES", ((1, 1),))
-    rows = bench_rope_types.measure(torch.float32, rounds=1, calls=2)
+    rows = bench_rope_types.measure(torch.float32, rounds=1)
     assert [row[0] for row in rows] == list(bench_rope_types.CASES)
     assert all(plain > 0 and patched_us > 0 for _, _, plain, patched_us in rows)
 
