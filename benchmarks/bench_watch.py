@@ -29,7 +29,6 @@ from rope_patch.diagnostics import latency
 from rope_patch.identity import bits
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="fp32,bf16")
