@@ -103,7 +103,9 @@ def measure(dtype, rounds: int) -> list[tuple]:
                     assert problem is None, problem
                 variants = {"unpatched": (original, (twin, x, positions)), "patched": (forward, (module, x, positions))}
                 times = latency.alternate(variants, "cpu", rounds=rounds)
-            rows.append((name, f"{batch}x{seq}", statistics.median(times["unpatched"]), statistics.median(times["patched"])))
+            rows.append(
+                (name, f"{batch}x{seq}", statistics.median(times["unpatched"]), statistics.median(times["patched"]))
+            )
     return rows
 
 

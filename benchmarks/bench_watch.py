@@ -62,7 +62,9 @@ def main() -> None:
                 "watch": watch.holds,
                 "floor": lambda: (embedding(cos, positions), embedding(sin, positions)),
             }
-            times = latency.alternate({key: (function, ()) for key, function in variants.items()}, "cpu", rounds=args.rounds)
+            times = latency.alternate(
+                {key: (function, ()) for key, function in variants.items()}, "cpu", rounds=args.rounds
+            )
         median = {key: statistics.median(values) for key, values in times.items()}
         added = median["checked"] - median["patched"]
         print(
