@@ -84,7 +84,7 @@ def _positions_forward(original, extra_parameter):
                         return form.lookup(self, x, position_ids)
                     except (IndexError, RuntimeError):
                         pass  # outside the table on CPU: the slow path grows it
-                elif table.forms.get(position_ids.dim(), table) is None:  # a layout it never answers
+                elif table.forms.get(position_ids.dim(), _MISSING) is None:  # a layout it never answers
                     return original(self, x, position_ids, *extra)
         return slow_call(self, original, x, position_ids, layer_type, extra)
 
