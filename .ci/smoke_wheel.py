@@ -54,9 +54,7 @@ def check_installed_copy() -> None:
     check(distribution.version == rope_patch.__version__, f"distribution version {distribution.version}")
     check(distribution.metadata.get("License-Expression") == "Apache-2.0", "metadata License-Expression: Apache-2.0")
     licenses = [f for f in distribution.files or () if f.name == "LICENSE"]
-    check(
-        bool(licenses) and "Apache License" in licenses[0].read_text(), "LICENSE installed with the distribution"
-    )
+    check(bool(licenses) and "Apache License" in licenses[0].read_text(), "LICENSE installed with the distribution")
 
 
 def check_generate() -> None:

@@ -66,14 +66,22 @@ def measure_catalog(dtype, rounds: int, pattern: str = "*", progress=None) -> tu
         for layout, shapes in (("2-D", SHAPES), ("3-axis", AXES_SHAPES)):
             try:
                 measured = latency.measure(
-                    built.module, dtype, shapes, layer_type=built.layer_types[0], repeats=rounds, threads=1, label=rotary.name
+                    built.module,
+                    dtype,
+                    shapes,
+                    layer_type=built.layer_types[0],
+                    repeats=rounds,
+                    threads=1,
+                    label=rotary.name,
                 )
             except Exception as error:  # noqa: BLE001 - the unpatched forward refuses these shapes, or not answered
                 problems.append(f"{layout}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
                 continue
             rows.append((rotary.name, *measured))
             if progress:
-                progress(f"{rotary.name}: " + ", ".join(f"{latency.shape_name(r.shape)} {r.speedup:.2f}x" for r in measured))
+                progress(
+                    f"{rotary.name}: " + ", ".join(f"{latency.shape_name(r.shape)} {r.speedup:.2f}x" for r in measured)
+                )
         if len(problems) == 2:
             skipped.append((rotary.name, "; ".join(problems)))
     return rows, skipped
@@ -91,14 +99,18 @@ def main() -> None:
     warnings.simplefilter("ignore")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     assert rope_patch.patch()
-    rows, skipped = measure_catalog(dtype, args.rounds, args.pattern, progress=lambda line: print(line, file=sys.stderr))
+    rows, skipped = measure_catalog(
+        dtype, args.rounds, args.pattern, progress=lambda line: print(line, file=sys.stderr)
+    )
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.dtype}, one thread, "
         f"medians of {args.rounds} alternating blocks; speedup = unpatched / patched"
     )
     print()
     decode = sorted(rows, key=lambda row: row[1].speedup)
-    print(f"{len({row[0] for row in rows})} classes measured ({len(rows)} class x layout rows), {len(skipped)} not measured.")
+    print(
+        f"{len({row[0] for row in rows})} classes measured ({len(rows)} class x layout rows), {len(skipped)} not measured."
+    )
     for index, label in ((1, "decode 1x1"), (2, "prefill 1x128")):
         speedups = [row[index].speedup for row in rows]
         slower = [row[0] for row in rows if row[index].speedup < 1.0]

@@ -48,7 +48,8 @@ def save_model(folder):
     tokenizer = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_input_names=["input_ids", "attention_mask"]  # no token_type_ids
+        tokenizer_object=tokenizer,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids
     )
     fast.chat_template = (
         "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"

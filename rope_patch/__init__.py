@@ -12,7 +12,6 @@ from rope_patch.status import ClassStatus, Status
 __version__ = "0.1.0"
 
 
-
 def cache_info(module) -> CacheInfo:
     """The tables rope_patch holds for ``module`` (a rotary embedding
     instance), their sizes and bytes, and why it is computed unpatched if it

@@ -133,7 +133,7 @@ def model_type_of(module_name: str) -> str:
     if len(parts) > 3 and parts[:2] == ["transformers", "models"]:
         return parts[2]
     if parts[0] == REMOTE_PACKAGE and parts[-1].startswith("modeling_"):
-        return parts[-1][len("modeling_"):]
+        return parts[-1][len("modeling_") :]
     return module_name
 
 

@@ -88,9 +88,7 @@ def patch(
             logger.info("rope_patch: disabled by the environment; nothing is patched")
             return False
         if exclude is not None:
-            settings = settings.replace(
-                exclude=settings.exclude | settings_module.parse_names("exclude", exclude)
-            )
+            settings = settings.replace(exclude=settings.exclude | settings_module.parse_names("exclude", exclude))
         if sync_free is not None:
             settings = settings.replace(sync_free=bool(sync_free))
         if max_positions is not None:
@@ -253,7 +251,9 @@ def _on_import(module) -> None:
             for rotary in discovery.rotary_classes(module):
                 _apply(rotary, settings)
     except Exception:  # noqa: BLE001
-        logger.warning("rope_patch: could not patch %s; left unpatched", getattr(module, "__name__", module), exc_info=True)
+        logger.warning(
+            "rope_patch: could not patch %s; left unpatched", getattr(module, "__name__", module), exc_info=True
+        )
 
 
 def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) -> None:

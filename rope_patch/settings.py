@@ -148,9 +148,7 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Settings:
             exclude=parse_names(EXCLUDE, env.get(EXCLUDE, "")),
             sync_free=parse_flag(SYNC_FREE, env.get(SYNC_FREE, "")),
             max_positions=(
-                parse_positive_int(MAX_POSITIONS, env[MAX_POSITIONS])
-                if env.get(MAX_POSITIONS, "").strip()
-                else None
+                parse_positive_int(MAX_POSITIONS, env[MAX_POSITIONS]) if env.get(MAX_POSITIONS, "").strip() else None
             ),
         )
     except SettingsError as error:

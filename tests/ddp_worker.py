@@ -21,8 +21,13 @@ def main(out_path):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
     )
     model = DistributedDataParallel(transformers.LlamaForCausalLM(config))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -127,7 +127,9 @@ def test_list_status_filter(listing):
     cached = list_json("--status", "CACHED", "qwen*")  # case-insensitive choice, combined with a pattern
     assert cached and cached == select(
         listing,
-        lambda r: r["status"] == "cached" and (r["class"].lower().startswith("qwen") or r["model_type"].startswith("qwen")),
+        lambda r: (
+            r["status"] == "cached" and (r["class"].lower().startswith("qwen") or r["model_type"].startswith("qwen"))
+        ),
     )
 
 
@@ -147,7 +149,9 @@ def test_a_missing_optional_package_is_counted_in_the_summary_not_noted():
     missing = ModuleNotFoundError("No module named 'torchaudio'", name="torchaudio")
     broken = ImportFailure("transformers.models.x.modeling_x", RuntimeError("a bug"))
     line = summary([], [ImportFailure("transformers.models.a.modeling_a", missing), broken])
-    assert line == "0 classes: 0 cached, 0 fallback, 0 excluded, 0 unsupported (1 module not imported: needs torchaudio)"
+    assert (
+        line == "0 classes: 0 cached, 0 fallback, 0 excluded, 0 unsupported (1 module not imported: needs torchaudio)"
+    )
     real = [f for f in scan_catalog().failures if f.missing_package]
     if real:  # end to end, where this transformers has such a module (5.x: higgs_audio_v2_tokenizer)
         result = invoke("list", model_type_of(real[0].module))

@@ -100,4 +100,3 @@ def test_coverage_meets_the_bar(record_property):
     assert len(cached) >= expected.MIN_CACHED, f"only {len(cached)} classes cached"
     mrope = sum(result.status is Status.CACHED and result.mrope for result in outcomes.values())
     assert mrope >= expected.MIN_CACHED_MROPE, f"only {mrope} M-RoPE classes cached"
-

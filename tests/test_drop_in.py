@@ -34,8 +34,13 @@ from tests.models import llama_config, llama_rotary, transformers_major
 
 def greedy(model, ids, new_tokens=6):
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-        output_scores=True, return_dict_in_generate=True,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     return out.sequences, torch.stack(out.scores)
 
@@ -319,8 +324,9 @@ def onnx_outputs(module, x, positions, path, dynamo):
         kwargs["dynamic_shapes"] = ({1: seq}, {1: seq})
     else:
         kwargs["dynamic_axes"] = {"x": {1: "seq"}, "position_ids": {1: "seq"}}
-    torch.onnx.export(module, (x, torch.arange(x.shape[1])[None]), str(path), input_names=["x", "position_ids"],
-                      **kwargs)
+    torch.onnx.export(
+        module, (x, torch.arange(x.shape[1])[None]), str(path), input_names=["x", "position_ids"], **kwargs
+    )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"x": x.numpy(), "position_ids": positions.numpy()}
     return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})  # x may be pruned
@@ -504,7 +510,10 @@ def test_11_tiny_max_positions_from_the_environment():
     )
     for value in ("1",):  # 2 and 3: test_11_tiny_max_positions_answer_every_call, in-process
         child = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
             env=subprocess_env(ROPE_PATCH_MAX_POSITIONS=value),
         )
         assert child.returncode == 0, child.stderr

@@ -104,8 +104,10 @@ def test_exclude_variable_forms_in_process(monkeypatch):
     for value, llama, qwen3 in (("LlamaRotaryEmbedding", False, True), ("*", False, False), ("qwen*", True, False)):
         monkeypatch.setenv("ROPE_PATCH_EXCLUDE", value)
         assert rope_patch.patch()
-        wrapped = [original_of(cls.__dict__["forward"]) is not None for cls in (
-            modeling_llama.LlamaRotaryEmbedding, modeling_qwen3.Qwen3RotaryEmbedding)]
+        wrapped = [
+            original_of(cls.__dict__["forward"]) is not None
+            for cls in (modeling_llama.LlamaRotaryEmbedding, modeling_qwen3.Qwen3RotaryEmbedding)
+        ]
         rope_patch.unpatch()
         assert wrapped == [llama, qwen3], value
 

@@ -16,7 +16,7 @@ import textwrap
 
 from tests.conftest import subprocess_env
 
-CONFIGURATION = '''
+CONFIGURATION = """
 from transformers import PretrainedConfig
 
 
@@ -29,7 +29,7 @@ class ToyConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.max_position_embeddings = max_position_embeddings
         super().__init__(**kwargs)
-'''
+"""
 
 MODELING = '''
 import torch
@@ -124,7 +124,7 @@ class ToyForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutput(logits=self.head(hidden))
 '''
 
-CHILD = '''
+CHILD = """
 import json, os, sys
 import torch
 import rope_patch.auto  # before anything loads the remote code
@@ -158,7 +158,7 @@ print(json.dumps({
     "answered": rope_patch.cache_info(model.layers[0].rotary).answered,
     "fallback": rope_patch.cache_info(model.layers[1].rotary).fallback,
 }))
-'''
+"""
 
 
 def test_remote_code_rotaries_are_patched_offline(tmp_path):

@@ -193,9 +193,17 @@ def test_generate_across_the_switch_point(config_class, rope_scaling, patched):
     outputs, states = [], []
     for patching in (False, True):
         model = tiny_causal_lm(config_class, rope_scaling, original)
-        with torch.no_grad(), (contextlib.nullcontext() if patching else rope_patch.disabled()):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30,
-                                 do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        with torch.no_grad(), contextlib.nullcontext() if patching else rope_patch.disabled():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=30,
+                min_new_tokens=30,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
         outputs.append((out.sequences, torch.stack(out.scores)))
         states.append(module_state(model.model.rotary_emb))
         if patching:

@@ -66,7 +66,12 @@ def test_to_half_and_back_rebuilds_from_the_new_frequencies(patched):
     module = llama_rotary()
     x, positions = torch.randn(1, 5, 64), torch.tensor([[0, 1, 100, 1000, 2000]])
     module(x, positions)
-    for convert in (lambda m: m.to(torch.float16), lambda m: m.float(), lambda m: m.half(), lambda m: m.to(torch.float32)):
+    for convert in (
+        lambda m: m.to(torch.float16),
+        lambda m: m.float(),
+        lambda m: m.half(),
+        lambda m: m.to(torch.float32),
+    ):
         convert(module)
         for dtype in (torch.float32, torch.float16):
             assert_identical(unpatched(module, x.to(dtype), positions), module(x.to(dtype), positions))

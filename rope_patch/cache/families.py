@@ -137,7 +137,9 @@ def family_for(module, original, layer_type):
     if rope_type is None or ("dynamic" not in rope_type and rope_type != "longrope"):
         return None
     if not uses_dynamic_rope_update(original):
-        return f"{rope_type} rope type behind a forward that is not transformers' dynamic_rope_update: recomputed per call"
+        return (
+            f"{rope_type} rope type behind a forward that is not transformers' dynamic_rope_update: recomputed per call"
+        )
     return Family("dynamic" if "dynamic" in rope_type else "longrope", _update_only())
 
 

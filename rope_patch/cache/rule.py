@@ -78,11 +78,7 @@ local = _Local()
 def steps_aside() -> bool:
     """The context requires the original forward (items 1-5 above)."""
     return (
-        _is_compiling()
-        or local.disabled
-        or _is_tracing()
-        or _functorch_level() is not None
-        or _dispatch_modes() != 0
+        _is_compiling() or local.disabled or _is_tracing() or _functorch_level() is not None or _dispatch_modes() != 0
     )
 
 

@@ -45,7 +45,18 @@ class Table:
             is the update's to switch sets).
     """
 
-    __slots__ = ("columns", "container", "size", "device", "on_cpu", "watch", "forms", "bound_check", "top_from", "owner")
+    __slots__ = (
+        "columns",
+        "container",
+        "size",
+        "device",
+        "on_cpu",
+        "watch",
+        "forms",
+        "bound_check",
+        "top_from",
+        "owner",
+    )
 
     def __init__(self, columns, container, size: int, device: torch.device, watch: Watch, bound_check: bool):
         self.columns = tuple(columns)

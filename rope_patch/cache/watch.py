@@ -232,7 +232,9 @@ class Recorder:
             else:
                 snapshot = _snapshot(value)
                 if snapshot is _MISSING:
-                    raise Unwatchable(f"the forward reads {label}, a {type(value).__name__}, whose changes cannot be seen")
+                    raise Unwatchable(
+                        f"the forward reads {label}, a {type(value).__name__}, whose changes cannot be seen"
+                    )
                 values.append((container, key, value, snapshot))
         return Watch(tensors, inference, values, snapshots)
 
@@ -286,7 +288,9 @@ def _snapshot(value):
 
 def _holds_tensors(value) -> bool:
     items = value.values() if isinstance(value, dict) else value
-    return any(isinstance(item, torch.Tensor) or (isinstance(item, _CONTAINERS) and _holds_tensors(item)) for item in items)
+    return any(
+        isinstance(item, torch.Tensor) or (isinstance(item, _CONTAINERS) and _holds_tensors(item)) for item in items
+    )
 
 
 def _is_config(value) -> bool:

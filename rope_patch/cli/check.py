@@ -21,7 +21,15 @@ import sys
 import click
 
 import rope_patch
-from rope_patch.cli._common import DEVICES, DTYPES, check_device, model_code_contained, patched_like_auto, quiet, torch_dtype
+from rope_patch.cli._common import (
+    DEVICES,
+    DTYPES,
+    check_device,
+    model_code_contained,
+    patched_like_auto,
+    quiet,
+    torch_dtype,
+)
 from rope_patch.status import Status, classify
 
 #: Shapes timed: decode of one token, a 512-token prefill.
@@ -141,10 +149,14 @@ def render(findings, config, path, device, dtype) -> list[str]:
         return lines
     for finding in findings:
         rope_type = f", rope type {finding.rope_type}" if finding.rope_type is not None else ""
-        lines.append(f"{finding.name}{rope_type}: {finding.status}" + (f" ({finding.reason})" if finding.reason else ""))
+        lines.append(
+            f"{finding.name}{rope_type}: {finding.status}" + (f" ({finding.reason})" if finding.reason else "")
+        )
         if finding.identical is not None:
             if finding.identical:
-                lines.append("  bit-identical to the unpatched forward (decode, prefill, batch, random, repeated, int32)")
+                lines.append(
+                    "  bit-identical to the unpatched forward (decode, prefill, batch, random, repeated, int32)"
+                )
             else:
                 lines += ["  MISMATCH:"] + [f"    {problem}" for problem in finding.problems]
         for row in finding.timing:
@@ -186,16 +198,17 @@ def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
         rows = []
         for finding in findings:
             row = dataclasses.asdict(finding)
-            row["rope_type"] = finding.rope_type if isinstance(finding.rope_type, (str, dict, type(None))) else str(
-                finding.rope_type
+            row["rope_type"] = (
+                finding.rope_type if isinstance(finding.rope_type, (str, dict, type(None))) else str(finding.rope_type)
             )
             row["timing"] = [
                 {"shape": list(r.shape), "unpatched_us": r.unpatched_us, "patched_us": r.patched_us}
                 for r in finding.timing
             ]
             rows.append(row)
-        click.echo(json.dumps({"model_type": config.model_type, "device": device, "dtype": dtype, "rotaries": rows},
-                              indent=2))
+        click.echo(
+            json.dumps({"model_type": config.model_type, "device": device, "dtype": dtype, "rotaries": rows}, indent=2)
+        )
     else:
         for line in render(findings, config, path, device, dtype):
             click.echo(line)

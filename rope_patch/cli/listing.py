@@ -204,8 +204,11 @@ def list_command(pattern, wanted, as_json, verify, device, dtype):
     if not rows:
         what = f"matches {pattern!r}" if pattern else "was found"
         hint = " (model types and class names, exact or a glob such as 'qwen*'; see `rope-patch list`)"
-        click.echo(f"rope-patch list: no rotary class {what}{' with status ' + str(wanted) if wanted else ''}"
-                   f"{hint if pattern else ''}", err=True)
+        click.echo(
+            f"rope-patch list: no rotary class {what}{' with status ' + str(wanted) if wanted else ''}"
+            f"{hint if pattern else ''}",
+            err=True,
+        )
         sys.exit(1)
     if unverified:
         sys.exit(1)

@@ -106,8 +106,10 @@ def _annotation_config_classes(annotation, namespace: dict) -> list[type]:
 def _is_config_parameter(param: inspect.Parameter, namespace: dict) -> bool:
     """A parameter that takes a config: named ``config``/``*_config`` or
     annotated with a config class."""
-    return param.name == "config" or param.name.endswith("_config") or bool(
-        _annotation_config_classes(param.annotation, namespace)
+    return (
+        param.name == "config"
+        or param.name.endswith("_config")
+        or bool(_annotation_config_classes(param.annotation, namespace))
     )
 
 
@@ -154,11 +156,7 @@ def _module_config_classes(rotary: RotaryClass) -> list[type]:
     modeling module imports (``from .configuration_qwen3 import Qwen3Config``)."""
     package = rotary.module.rsplit(".", 1)[0] + "."
     namespace = vars(sys.modules[rotary.module])
-    return [
-        obj
-        for _, obj in sorted(namespace.items())
-        if _is_config_class(obj) and obj.__module__.startswith(package)
-    ]
+    return [obj for _, obj in sorted(namespace.items()) if _is_config_class(obj) and obj.__module__.startswith(package)]
 
 
 def _mapped_config_class(model_type: str) -> type | None:
@@ -535,7 +533,9 @@ def build_instance(rotary: RotaryClass, device: str | torch.device = "cpu") -> I
             except Exception as error:  # noqa: BLE001 - not repairable this way; keep the default instance
                 logger.debug("%s: repaired mrope_section did not build: %s", rotary.name, error)
             else:
-                return Instance(module, layer_types_of(module), f"built from a repaired config (mrope_section {section})")
+                return Instance(
+                    module, layer_types_of(module), f"built from a repaired config (mrope_section {section})"
+                )
     return Instance(module, layer_types)
 
 

@@ -80,9 +80,7 @@ def candidate_modules(pattern: str | None = None) -> list[str]:
     ]
 
 
-def scan_catalog(
-    progress: Callable[[int, int, str], None] | None = None, pattern: str | None = None
-) -> Catalog:
+def scan_catalog(progress: Callable[[int, int, str], None] | None = None, pattern: str | None = None) -> Catalog:
     """Import the torch modeling modules and collect their rotary classes.
 
     Args:

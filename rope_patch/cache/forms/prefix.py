@@ -68,4 +68,3 @@ class PrefixForm:
                 if reads_values(self.forward, module, x, n, self.extra, self.lookup(module, x, n)):
                     raise NotCacheable("its output depends on the values of its first argument, not only on seq_len")
                 raise NotCacheable(f"seq_len={n} is not the first rows of seq_len={size}: {problem}")
-
