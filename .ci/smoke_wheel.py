@@ -58,11 +58,11 @@ def check_installed_copy() -> None:
 
 
 def check_generate() -> None:
-    import rope_patch.auto  # noqa: F401 - the way users turn it on
     import torch
     import transformers
 
     import rope_patch
+    import rope_patch.auto
 
     check(rope_patch.is_patched(), "import rope_patch.auto patched")
     config = transformers.Qwen3Config(

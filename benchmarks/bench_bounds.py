@@ -104,8 +104,7 @@ def measure(device="cpu", rounds: int = 21, shapes=SHAPES) -> list[dict]:
         for name, way in ways.items():
             assert list(way()) == truth, name
         times = latency.alternate({name: (way, ()) for name, way in ways.items()}, device, rounds=rounds)
-        for name in ways:
-            rows.append({"shape": f"{batch}x{seq}", "way": name, "us": statistics.median(times[name])})
+        rows.extend({"shape": f"{batch}x{seq}", "way": name, "us": statistics.median(times[name])} for name in ways)
     return rows
 
 

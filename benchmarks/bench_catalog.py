@@ -109,7 +109,8 @@ def main() -> None:
     print()
     decode = sorted(rows, key=lambda row: row[1].speedup)
     print(
-        f"{len({row[0] for row in rows})} classes measured ({len(rows)} class x layout rows), {len(skipped)} not measured."
+        f"{len({row[0] for row in rows})} classes measured ({len(rows)} class x layout rows), "
+        f"{len(skipped)} not measured."
     )
     for index, label in ((1, "decode 1x1"), (2, "prefill 1x128")):
         speedups = [row[index].speedup for row in rows]

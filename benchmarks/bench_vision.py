@@ -90,7 +90,8 @@ def main() -> None:
     saving = max(rotary_us - floor_us, 0.0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, one thread")
     print(
-        f"Qwen2.5-VL-shaped vision tower: depth {args.depth}, hidden {config.hidden_size}, one {args.image}x{args.image} "
+        f"Qwen2.5-VL-shaped vision tower: depth {args.depth}, hidden {config.hidden_size}, "
+        f"one {args.image}x{args.image} "
         f"image = {patches} patches; rotary called once per forward"
     )
     print(f"vision forward:          {vision:10.1f} ms (median of {args.rounds})")

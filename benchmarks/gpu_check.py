@@ -48,26 +48,26 @@ import os
 # Must be set before cuBLAS is initialised (numerics and robustness need it).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
-
 import bench_bounds  # noqa: E402
-import rope_patch  # noqa: E402
+import torch  # noqa: E402
 from harness import generate as gen  # noqa: E402
 from harness.common import MODELS, build_rotary, dtype_name, forward_latency, model_config, rotary_class  # noqa: E402
 from harness.machine import machine_description  # noqa: E402
+
+import rope_patch  # noqa: E402
 from rope_patch.identity import difference  # noqa: E402
 
 PARTS = ("identity", "latency", "compile", "graph", "numerics", "robustness", "generate")
@@ -345,7 +345,7 @@ def part_latency(device, deadline: Deadline, outcome: Outcome, args) -> None:
                     outcome.skip("latency", f"deadline before {model_type} {mode}")
                     return
                 with repatched(**kwargs):
-                    for row in forward_latency(
+                    measured = forward_latency(
                         model_type,
                         device,
                         torch.bfloat16,
@@ -354,8 +354,8 @@ def part_latency(device, deadline: Deadline, outcome: Outcome, args) -> None:
                         budget_s=budget_s,
                         with_disabled=True,
                         progress=log,
-                    ):
-                        rows.append((mode, row))
+                    )
+                    rows.extend((mode, row) for row in measured)
     except AssertionError as error:
         outcome.fail(f"latency: {error}")
     finally:
@@ -674,8 +674,8 @@ def part_robustness(device, deadline: Deadline, outcome: Outcome, args) -> None:
             return
         module = build_rotary(model_type, device)
         with deterministic(), torch.no_grad():
-            for case, positions in cases.items():
-                positions = positions.to(device)
+            for case, on_cpu in cases.items():
+                positions = on_cpu.to(device)
                 x = torch.zeros(*positions.shape, 128, device=device, dtype=torch.bfloat16)
                 with rope_patch.disabled():
                     plain = module(x, positions)
@@ -713,7 +713,7 @@ def _robust_generate(device, deadline, outcome, args, setting) -> None:
     """A short greedy generate of the Qwen3-0.6B-shaped model under
     deterministic mode, unpatched and patched: NaN in every rotary output
     (a forward hook), in the logits, and the tokens."""
-    label, model_type, overrides = _generate_model_spec("qwen3-0.6b", args)
+    label, _model_type, _overrides = _generate_model_spec("qwen3-0.6b", args)
     if _full_size_on_cpu(device, f"robustness ({label} generate)", outcome, args):
         return
     if deadline.left() < (2 if args.cpu_smoke else 8):
@@ -859,7 +859,7 @@ def part_generate(device, deadline: Deadline, outcome: Outcome, args) -> None:
         layers = {n: _generate_model_spec(n, args)[2]["num_hidden_layers"] for n in names}
         order += [(n, "compile") for n in sorted(names, key=layers.get)]
     for name, mode in order:
-        label, model_type, overrides = _generate_model_spec(name, args)
+        label, _model_type, overrides = _generate_model_spec(name, args)
         where = f"{label}, {GENERATE_MODES[mode]}"
         if mode == "compile":
             need = 5.0 if args.cpu_smoke else COMPILE_SECONDS[0] * overrides["num_hidden_layers"] + COMPILE_SECONDS[1]

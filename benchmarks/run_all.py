@@ -31,12 +31,12 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-
 from harness import generate as gen  # noqa: E402
 from harness.common import MODEL_TYPES, dtype_name, forward_latency  # noqa: E402
 from harness.imports import ImportRow, import_cost  # noqa: E402
 from harness.machine import machine_description  # noqa: E402
 from harness.memory import MemoryRow, table_memory  # noqa: E402
+
 from rope_patch.diagnostics.latency import DEFAULT_SHAPES, LatencyRow  # noqa: E402
 
 SECTIONS = ("latency", "generate", "memory", "import")
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     machine = machine_description()
     report(f"# rope_patch benchmarks (transformers {machine['transformers']})")
     report()
-    report("Command: `" + " ".join([sys.executable] + sys.argv) + "`")
+    report("Command: `" + " ".join([sys.executable, *sys.argv]) + "`")
     report()
     report.table(["machine", ""], [[key, value] for key, value in machine.items()])
     runners = {"latency": run_latency, "generate": run_generate, "memory": run_memory, "import": run_import}

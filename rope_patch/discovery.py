@@ -98,13 +98,13 @@ def modeling_module_names() -> list[str]:
             if not model.is_dir() or model.name.startswith(("_", ".")):
                 continue
             with os.scandir(model.path) as files:
-                for entry in files:
-                    if (
-                        entry.name.startswith("modeling_")
-                        and entry.name.endswith(".py")
-                        and not entry.name.startswith(OTHER_FRAMEWORK_PREFIXES)
-                    ):
-                        names.append(f"{MODELS_PACKAGE}.{model.name}.{entry.name[:-3]}")
+                names.extend(
+                    f"{MODELS_PACKAGE}.{model.name}.{entry.name[:-3]}"
+                    for entry in files
+                    if entry.name.startswith("modeling_")
+                    and entry.name.endswith(".py")
+                    and not entry.name.startswith(OTHER_FRAMEWORK_PREFIXES)
+                )
     return sorted(names)
 
 

@@ -44,7 +44,7 @@ def difference(expected: object, actual: object) -> str | None:
     if isinstance(expected, (tuple, list)):
         if len(expected) != len(actual):
             return f"returned {len(actual)} outputs instead of {len(expected)}"
-        for index, (want, got) in enumerate(zip(expected, actual)):
+        for index, (want, got) in enumerate(zip(expected, actual, strict=False)):
             problem = difference(want, got)
             if problem:
                 return f"output {index}: {problem}"

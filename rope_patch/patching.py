@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import threading
+from typing import ClassVar
 
 import wrapt
 
@@ -32,14 +33,14 @@ class _Registry:
     """Process-wide patch state, guarded by ``lock``. The settings in effect
     are ``rope_patch.settings.active`` (None: not patched)."""
 
-    lock = threading.RLock()
+    lock: ClassVar[threading.RLock] = threading.RLock()
     #: class -> (its ``__dict__["forward"]`` before we touched it or
     #: _MISSING, the function we installed)
-    installed: dict[type, tuple[object, object]] = {}
+    installed: ClassVar[dict[type, tuple[object, object]]] = {}
     #: class -> ClassStatus, for every class a hook has seen while patched
-    seen: dict[type, ClassStatus] = {}
+    seen: ClassVar[dict[type, ClassStatus]] = {}
     #: module names with a wrapt hook registered (hooks cannot be removed)
-    hooked: set[str] = set()
+    hooked: ClassVar[set[str]] = set()
 
 
 def _fresh_lock_in_child() -> None:
@@ -122,7 +123,7 @@ def _hook_remote_code(loader_module) -> None:
     Never raises."""
     try:
         wrapt.wrap_function_wrapper(loader_module, "get_class_in_module", _after_remote_class_loaded)
-    except Exception:  # noqa: BLE001 - a transformers without it: remote code stays unpatched
+    except Exception:
         logger.debug("rope_patch: cannot hook remote code loading", exc_info=True)
 
 
@@ -167,7 +168,7 @@ def _uninstall(cls: type, previous, ours) -> None:
             if current is not _MISSING:
                 delattr(cls, "forward")
         else:
-            setattr(cls, "forward", previous)
+            cls.forward = previous
         return
     link = current
     for _ in range(8):  # find the wrapper whose __wrapped__ is ours
@@ -250,7 +251,7 @@ def _on_import(module) -> None:
                 return
             for rotary in discovery.rotary_classes(module):
                 _apply(rotary, settings)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.warning(
             "rope_patch: could not patch %s; left unpatched", getattr(module, "__name__", module), exc_info=True
         )
@@ -280,7 +281,7 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
 def _install(cls: type, function) -> None:
     previous = _Registry.installed.get(cls, (cls.__dict__.get("forward", _MISSING), None))[0]
     _Registry.installed[cls] = (previous, function)
-    setattr(cls, "forward", function)
+    cls.forward = function
 
 
 _warned_messages: set[str] = set()

@@ -110,8 +110,8 @@ def parse_names(name: str, value: str | Iterable[str]) -> frozenset[str]:
     """Parse a comma list of model types / class names (case-insensitive)."""
     items = value.split(",") if isinstance(value, str) else list(value)
     names = set()
-    for item in items:
-        item = item.strip()
+    for raw in items:
+        item = raw.strip()
         if not item:
             continue
         if not item.translate(_NAME_PUNCTUATION).isalnum() and item.strip(_GLOB_CHARACTERS + "]"):

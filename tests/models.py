@@ -7,15 +7,15 @@ import transformers
 
 from rope_patch.diagnostics.verify import image_prompt_positions  # noqa: F401 - re-exported for the tests
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=2048,
-)
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 2048,
+}
 
 
 def llama_config(rope_scaling=None, **overrides):

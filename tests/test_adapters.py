@@ -28,14 +28,14 @@ def step(model, ids):
 def test_lora_generate_and_training_step_are_identical(patched):
     model = lora_model()
     ids = torch.randint(0, models.TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=8,
-        do_sample=False,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    kwargs = {
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
     with torch.no_grad():
         out = model.generate(input_ids=ids, **kwargs)
         with rope_patch.disabled():

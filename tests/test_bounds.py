@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 
 import numpy
-
 import pytest
 import torch
 
@@ -17,7 +16,6 @@ from rope_patch import cache
 from rope_patch.cache import bounds, rule
 from tests.conftest import assert_identical, module_state, unpatched
 from tests.models import TINY, llama_rotary, transformers_major
-
 
 #: ``id()``s standing for the modules whose calls read positions.
 MODULE, OTHER_MODULE = 1, 2
@@ -220,7 +218,7 @@ def test_models_sharing_a_buffer_refilled_behind_torch_never_share_a_reading(pat
     from tests.test_rope_types import LONGROPE
 
     def longrope_pair():
-        kwargs = dict(max_position_embeddings=1024)
+        kwargs = {"max_position_embeddings": 1024}
         if transformers_major() < 5:
             kwargs["original_max_position_embeddings"] = 256
         return llama_rotary(LONGROPE, **kwargs), llama_rotary(LONGROPE, **kwargs)

@@ -35,7 +35,7 @@ SUMMARY = re.compile(r"^(\d+) class(?:es)?: (\d+) cached, (\d+) fallback, (\d+) 
 def invoke(*args, **env):
     """Run ``rope-patch ARGS`` in-process with only the given ROPE_PATCH_*
     variables set (None for the others removes them)."""
-    environment = {name: None for name in ROPE_VARIABLES}
+    environment = dict.fromkeys(ROPE_VARIABLES)
     environment.update(env)
     try:
         runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default

@@ -65,7 +65,7 @@ def test_generate_with_static_cache_and_compiled_forward(patched):
     torch._dynamo.reset()
     model = qwen3()
     ids = torch.randint(1, TINY["vocab_size"], (1, 5))
-    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="static", pad_token_id=0)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
     with rope_patch.disabled():
         reference = model.generate(ids, **kwargs)
     model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")

@@ -80,9 +80,11 @@ def coverage_lines(outcomes) -> list[str]:
     shared = {}
     for result in noted:
         shared.setdefault((result.status, result.reason), []).append(result)
-    for result in sorted(noted, key=lambda r: (r.rotary.module, r.rotary.name)):
-        if len(shared[result.status, result.reason]) <= 3:
-            lines.append(f"  {result.status!s:12} {result.rotary.module}.{result.rotary.name}: {result.reason}")
+    lines.extend(
+        f"  {result.status!s:12} {result.rotary.module}.{result.rotary.name}: {result.reason}"
+        for result in sorted(noted, key=lambda r: (r.rotary.module, r.rotary.name))
+        if len(shared[result.status, result.reason]) <= 3
+    )
     for (status, reason), results in shared.items():
         if len(results) > 3:
             names = ", ".join(r.rotary.name for r in results)

@@ -28,8 +28,9 @@ REPORT = textwrap.dedent(
 
 
 def run_child(code, **env):
-    result = subprocess.run(
+    result = subprocess.run(  # the return code is checked below
         [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
         capture_output=True,
         text=True,
         env=subprocess_env(**env),
@@ -48,7 +49,9 @@ ORDERS = {
     "auto before transformers": "import rope_patch.auto\nimport transformers\n",
     "auto after transformers": "import transformers\nimport rope_patch.auto\n",
     "auto after a modeling module": "from transformers.models.llama import modeling_llama\nimport rope_patch.auto\n",
-    "auto after the model classes": "from transformers import LlamaForCausalLM, Qwen3ForCausalLM\nimport rope_patch.auto\n",
+    "auto after the model classes": (
+        "from transformers import LlamaForCausalLM, Qwen3ForCausalLM\nimport rope_patch.auto\n"
+    ),
 }
 
 
@@ -95,10 +98,10 @@ def test_exclude_variable(value, expected):
 def test_exclude_variable_forms_in_process(monkeypatch):
     """The other forms (the variable is parsed by the same code at patch()
     time; the subprocess cases above cover import rope_patch.auto)."""
-    import rope_patch
     from transformers.models.llama import modeling_llama
     from transformers.models.qwen3 import modeling_qwen3
 
+    import rope_patch
     from rope_patch.forward import original_of
 
     for value, llama, qwen3 in (("LlamaRotaryEmbedding", False, True), ("*", False, False), ("qwen*", True, False)):

@@ -33,13 +33,13 @@ def mrope_rotary(family, head_dim=32, theta=1e6, max_position_embeddings=4096):
     prefix, name, section = FAMILIES[family]
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     configuration = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
-    kwargs = dict(
-        hidden_size=4 * head_dim,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings,
-    )
+    kwargs = {
+        "hidden_size": 4 * head_dim,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": head_dim,
+        "max_position_embeddings": max_position_embeddings,
+    }
     rope = {"rope_type": "default", "mrope_section": list(section)}
     if transformers_major() >= 5:
         kwargs["rope_parameters"] = dict(rope, rope_theta=theta)
@@ -291,32 +291,32 @@ def tiny_qwen2_vl():
     [2, 3, 3]) and a 1-layer vision tower with 4-pixel patches."""
     import transformers
 
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=512,
-    )
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 512,
+    }
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}
     if transformers_major() >= 5:
         text["rope_parameters"] = dict(rope, rope_theta=1e6)
     else:
         text["rope_scaling"] = dict(rope, type="default")
         text["rope_theta"] = 1e6
-    vision = dict(
-        depth=1,
-        embed_dim=32,
-        hidden_size=64,
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        in_channels=3,
-        temporal_patch_size=2,
-    )
+    vision = {
+        "depth": 1,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "in_channels": 3,
+        "temporal_patch_size": 2,
+    }
     config = transformers.Qwen2VLConfig(
         text_config=text,
         vision_config=vision,

@@ -9,8 +9,8 @@ import torch
 import transformers
 
 import rope_patch
-from tests.conftest import TorchCalls, answered, assert_identical, module_state, unpatched
 from tests import models
+from tests.conftest import TorchCalls, answered, assert_identical, module_state, unpatched
 from tests.models import llama_rotary, transformers_major
 
 STATIC = {
@@ -56,7 +56,7 @@ def position_patterns():
 
 def check_all_patterns(module, expect_cached):
     for dtype in DTYPES:
-        for name, positions in position_patterns().items():
+        for positions in position_patterns().values():
             x = torch.randn(positions.shape[0], positions.shape[1], 64, dtype=dtype)
             reference = unpatched(module, x, positions)
             for _ in range(2):  # first use (verified) and table hit

@@ -18,6 +18,8 @@ cache being sized explicitly here anyway (num_blocks, max_batch_tokens).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import transformers
@@ -152,7 +154,7 @@ def assert_packed(schedule, inputs):
     fed up to its last position (5.x stops before feeding the last new
     token back, 4.57 feeds it once more)."""
     rows = [row for call in schedule for row in call]
-    assert any(any(b < a for a, b in zip(row, row[1:])) for row in rows), schedule[:3]
+    assert any(any(b < a for a, b in itertools.pairwise(row)) for row in rows), schedule[:3]
     last = max(len(prompt) for prompt in inputs) + NEW_TOKENS - 2
     assert last <= max(max(row) for row in rows) <= last + 1, schedule
 

@@ -46,7 +46,7 @@ class _Seen:
     """The last tensor reduced: what identifies its values, its extent, the
     module it was read for and who (by id) has asked about it since."""
 
-    __slots__ = ("ref", "key", "owner", "low", "high", "askers")
+    __slots__ = ("askers", "high", "key", "low", "owner", "ref")
 
     def __init__(self, ref, key, owner: int, asker: int, low: int, high: int):
         self.ref, self.key, self.owner, self.low, self.high = ref, key, owner, low, high

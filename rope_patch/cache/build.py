@@ -75,7 +75,7 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
             out = forward(module, neutral, index, *extra)
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
-    except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
+    except Exception as error:
         shown = f"seq_len={size}" if prefix else f"{tuple(index.shape)} arange positions"
         raise NotCacheable(f"forward on {shown} raised {error!r}") from error
     finally:
@@ -147,7 +147,7 @@ def _restore(module, before: tuple[dict, ...]) -> list[str]:
     leaves, and the build call is ours, not the user's."""
     state = vars(module)
     changed = []
-    for current, saved in zip((state, state.get("_buffers", {}), state.get("_parameters", {})), before):
+    for current, saved in zip((state, state.get("_buffers", {}), state.get("_parameters", {})), before, strict=False):
         for key in set(current) | set(saved):
             if current.get(key, _MISSING) is not saved.get(key, _MISSING):
                 changed.append(key)

@@ -53,7 +53,7 @@ class ModuleState:
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("tables", "spares", "never", "parked", "fallback", "cap", "presize", "lock")
+    __slots__ = ("cap", "fallback", "lock", "never", "parked", "presize", "spares", "tables")
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
@@ -185,7 +185,7 @@ class _Call:
     and probed from, and what computes the call unpatched) with the call's
     arguments, and how large its table may be."""
 
-    __slots__ = ("module", "x", "position_ids", "extra", "forward", "limit")
+    __slots__ = ("extra", "forward", "limit", "module", "position_ids", "x")
 
     def __init__(self, module, x, position_ids, extra, forward):
         self.module, self.x, self.position_ids, self.extra = module, x, position_ids, extra

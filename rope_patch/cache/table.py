@@ -46,16 +46,16 @@ class Table:
     """
 
     __slots__ = (
+        "bound_check",
         "columns",
         "container",
-        "size",
         "device",
-        "on_cpu",
-        "watch",
         "forms",
-        "bound_check",
-        "top_from",
+        "on_cpu",
         "owner",
+        "size",
+        "top_from",
+        "watch",
     )
 
     def __init__(self, columns, container, size: int, device: torch.device, watch: Watch, bound_check: bool):

@@ -68,7 +68,7 @@ class Watch:
             ``snapshot`` is a deep copy for containers, or ``_IMMUTABLE``.
     """
 
-    __slots__ = ("tensors", "inference", "values", "snapshots", "holds")
+    __slots__ = ("holds", "inference", "snapshots", "tensors", "values")
 
     def __init__(self, tensors=(), inference=(), values=(), snapshots=None):
         self.tensors = tuple(tensors)
@@ -113,7 +113,7 @@ class Watch:
         the recorded ones (bit for bit), else None. Used on the slow path
         after :meth:`holds` failed."""
         tensors, inference = [], []
-        for container, key, tensor, *rest in (*self.tensors, *self.inference):
+        for container, key, tensor, *_ in (*self.tensors, *self.inference):
             current = container.get(key)
             if not _same_tensor_values(current, self.snapshots[id(tensor)]):
                 return None
@@ -132,7 +132,8 @@ class Watch:
                     return None
                 values.append((container, key, current, snapshot))
         snapshots = {}
-        for (_, _, old, *_), (_, _, new, *_) in zip((*self.tensors, *self.inference), (*tensors, *inference)):
+        before, after = (*self.tensors, *self.inference), (*tensors, *inference)
+        for (_, _, old, *_), (_, _, new, *_) in zip(before, after, strict=True):
             snapshots[id(new)] = self.snapshots[id(old)]
         return Watch(tensors, inference, values, snapshots)
 
@@ -151,10 +152,7 @@ def _one_buffer_check(watch: Watch):
             return False
         if grad and tensor.requires_grad and _grad_enabled():
             return False
-        for c, k, v in values:
-            if c.get(k, _MISSING) is not v:
-                return False
-        return True
+        return all(c.get(k, _MISSING) is v for c, k, v in values)
 
     return holds
 
@@ -306,7 +304,7 @@ class _ConfigReads:
     read goes to the real config and is recorded against its ``__dict__``.
     ``isinstance`` sees the real class (``__class__``)."""
 
-    __slots__ = ("_config", "_recorder", "_label")
+    __slots__ = ("_config", "_label", "_recorder")
 
     def __init__(self, config, recorder: Recorder, label: str):
         object.__setattr__(self, "_config", config)
@@ -314,7 +312,7 @@ class _ConfigReads:
         object.__setattr__(self, "_label", label)
 
     @property
-    def __class__(self):  # noqa: D105 - isinstance() checks see the config's class
+    def __class__(self):
         return type(object.__getattribute__(self, "_config"))
 
     def __getattr__(self, name):

@@ -52,7 +52,7 @@ def quiet(*names: str, level: int = logging.ERROR):
     try:
         yield
     finally:
-        for logger, old in zip(loggers, previous):
+        for logger, old in zip(loggers, previous, strict=False):
             logger.setLevel(old)
 
 

@@ -118,7 +118,7 @@ def render(rows) -> list[str]:
     return [
         "  ".join(
             cell.ljust(width) if column == 0 else cell.rjust(width)
-            for column, (cell, width) in enumerate(zip(line, widths))
+            for column, (cell, width) in enumerate(zip(line, widths, strict=False))
         )
         for line in table
     ]

@@ -19,8 +19,8 @@ import sys
 import click
 
 import rope_patch
-from rope_patch import versions
 from rope_patch import settings as settings_module
+from rope_patch import versions
 from rope_patch.cli._common import (
     DEVICES,
     DTYPES,
@@ -152,7 +152,8 @@ def render(rows) -> list[str]:
         check = ((row.check or ""),) if checked else ()
         table.append((row.rotary.model_type, row.rotary.name, str(row.status), *check, row.reason))
     widths = [max(len(line[column]) for line in table) for column in range(len(header) - 1)]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths + [0])).rstrip() for line in table]
+    widths.append(0)  # the last column is not padded
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
 
 
 @click.command("list", short_help="Every rotary class and what rope_patch does with it.")

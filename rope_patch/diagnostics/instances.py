@@ -144,7 +144,7 @@ def _name_closeness(rotary_name: str, config_cls: type) -> tuple[int, int]:
     a = _stem(rotary_name, "RotaryEmbedding")
     b = _stem(config_cls.__name__, "Config")
     common = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         common += 1
@@ -213,7 +213,7 @@ def config_family(config, depth: int = 3) -> tuple[list, set[int]]:
             family.append(item)
             try:
                 text = item.get_text_config()
-            except Exception:  # not every config has a text part; some raise when asked
+            except Exception:  # noqa: BLE001 - not every config has a text part; some raise when asked
                 text = None
             if isinstance(text, base) and text is not item:  # many configs answer themselves
                 text_ids.add(id(text))
@@ -258,7 +258,7 @@ def candidate_configs(rotary: RotaryClass, problems: list[str]) -> Iterator:
     for config_cls in candidate_config_classes(rotary):
         try:
             config = config_cls()
-        except Exception as exc:  # a config may require arguments; try the next one
+        except Exception as exc:  # noqa: BLE001 - a config may require arguments; try the next one
             problems.append(f"{config_cls.__name__}() failed: {type(exc).__name__}: {exc}")
             continue
         family, text_ids = config_family(config)
@@ -380,7 +380,7 @@ def _build(rotary: RotaryClass, config, device, problems: list[str], label: str)
     ``problems``) when the constructor fails."""
     try:
         return rotary.cls(**constructor_arguments(rotary.cls, config, device))
-    except Exception as exc:  # this config does not fit; the next may
+    except Exception as exc:  # noqa: BLE001 - this config does not fit; the next may
         problems.append(f"{label}: {type(exc).__name__}: {exc}")
         logger.debug("%s from %s failed: %s", rotary.name, label, exc)
         return None
@@ -595,7 +595,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def unpatched_forward(rotary: RotaryClass, instance: torch.nn.Module, position_ids, layer_type=None):
     """The class's own (unpatched) forward on a probe activation of
     PROBE_SHAPE's batch and ``position_ids``' sequence length."""
-    forward = rotary.forward or getattr(rotary.cls, "forward")
+    forward = rotary.forward or rotary.cls.forward
     forward = original_of(forward) or forward  # never probe our own replacement
     device = _device_of(instance)
     x = torch.randn(position_ids.shape[-2], position_ids.shape[-1], PROBE_SHAPE[-1], device=device)

@@ -101,7 +101,7 @@ def scan_catalog(progress: Callable[[int, int, str], None] | None = None, patter
             progress(i, len(names), name)
         try:
             module = importlib.import_module(name)
-        except Exception as exc:  # any error: one broken model must not hide the rest
+        except Exception as exc:  # noqa: BLE001 - one broken model must not hide the rest
             logger.debug("skipping %s: %s: %s", name, type(exc).__name__, exc)
             failures.append(ImportFailure(name, exc.with_traceback(None)))
             continue

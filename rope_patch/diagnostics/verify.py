@@ -20,6 +20,7 @@ more batch dimension) must be bit-identical but do not change its status.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -206,7 +207,8 @@ def _compare(module, cases: dict, extra: tuple, dtypes, device) -> list[str]:
             x = torch.randn(*shape, device=device).to(dtype)
             where = f"{name} {str(dtype).replace('torch.', '')}" + (f" layer_type={extra[0]}" if extra else "")
             for attempt in ("first use", "table hit"):
-                problem = same_outcome(lambda: module(x, positions, *extra), lambda: module(x, positions, *extra))
+                call = functools.partial(module, x, positions, *extra)
+                problem = same_outcome(call, call)
                 if problem:
                     problems.append(f"{where} ({attempt}): {problem}")
     return problems
@@ -290,7 +292,9 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
     for length in (10, 11, ORIGINAL_MAX + 20, ORIGINAL_MAX + 21, 10, 11, top, ORIGINAL_MAX - 1, 3):
         positions = torch.arange(length, device=device)[None]
         x = torch.randn(1, length, HIDDEN, device=device)
-        problem = same_outcome(lambda: twin(x, positions, *extra), lambda: module(x, positions, *extra))
+        problem = same_outcome(
+            functools.partial(twin, x, positions, *extra), functools.partial(module, x, positions, *extra)
+        )
         if problem is None and module_state(module) != module_state(twin):
             problem = "module state differs from the unpatched twin's"
         if problem:
@@ -309,6 +313,7 @@ def module_state(module) -> dict:
         if name.startswith("_") or isinstance(value, torch.nn.Module):
             continue
         if isinstance(value, torch.Tensor):
-            value = (value.dtype, tuple(value.shape), bits(value.detach()).cpu().tolist())
-        out[name] = value
+            out[name] = (value.dtype, tuple(value.shape), bits(value.detach()).cpu().tolist())
+        else:
+            out[name] = value
     return out

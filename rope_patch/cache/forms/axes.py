@@ -73,7 +73,7 @@ class AxesForm:
     """
 
     dims = 3
-    __slots__ = ("table", "axes", "maps", "keep", "bits", "verified")
+    __slots__ = ("axes", "bits", "keep", "maps", "table", "verified")
 
     def __init__(self, table, axes: int, maps=None):
         self.table = table
@@ -85,7 +85,7 @@ class AxesForm:
             shared: dict = {}
             self.keep = tuple(
                 shared.setdefault((id(axis_of), view.dtype), _keep_masks(axis_of, axes, view.dtype))
-                for axis_of, view in zip(maps, self.bits)
+                for axis_of, view in zip(maps, self.bits, strict=False)
             )
         self.verified = False
 
@@ -130,7 +130,7 @@ class AxesForm:
                 return planar.lookup(module, x, position_ids)
             return self.table.pack([_embedding(column, position_ids) for column in self.table.columns])
         out = []
-        for view, keep, column in zip(self.bits, self.keep, self.table.columns):
+        for view, keep, column in zip(self.bits, self.keep, self.table.columns, strict=False):
             rows = _embedding(view, position_ids)  # a fresh tensor: masked in place
             rows.bitwise_and_(keep)  # each column: its axis's bits, else 0
             out.append(rows.sum(0, dtype=view.dtype).view(column.dtype))
@@ -174,9 +174,9 @@ def learn(table, module, forward, extra: tuple, x, axes: int) -> AxesForm | None
         return None
     batch_seq = tuple(positions.shape[1:])
     widths = [tuple(column.shape[1:]) for column in table.columns]
-    if all(tuple(t.shape) == (axes, *batch_seq, *w) for t, w in zip(outputs, widths)):
+    if all(tuple(t.shape) == (axes, *batch_seq, *w) for t, w in zip(outputs, widths, strict=False)):
         form = AxesForm(table, axes)
-    elif all(tuple(t.shape) == (*batch_seq, *w) for t, w in zip(outputs, widths)):
+    elif all(tuple(t.shape) == (*batch_seq, *w) for t, w in zip(outputs, widths, strict=False)):
         if not all(c.is_floating_point() and c.dim() == 2 for c in table.columns):
             return None  # complex or odd columns: no form for them
         form = AxesForm(table, axes, _axis_maps(table.columns, positions, outputs))
@@ -235,14 +235,15 @@ def _axis_maps(columns, positions: torch.Tensor, outputs) -> tuple[torch.Tensor,
     over the table (a zero frequency), so that any of them is right; it
     takes the first."""
     matches = []
-    for column, output in zip(columns, outputs):
+    for column, output in zip(columns, outputs, strict=False):
         per_axis = _embedding(column, positions)  # (axes, 1, n, dim)
         if per_axis.dtype != output.dtype:
             raise NotCacheable(f"output dtype {output.dtype} differs from the table's {per_axis.dtype}")
         same = (bits(per_axis) == bits(output)[None]).flatten(1, 2).all(1)  # (axes, dim)
         matches.append(same)
     maps: list[torch.Tensor] = []
-    for column, same in zip(columns, matches):
+    for column, own in zip(columns, matches, strict=True):
+        same = own
         for other in matches:
             if other.shape == same.shape:
                 same = same & other

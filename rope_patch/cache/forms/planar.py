@@ -34,7 +34,7 @@ class PlanarForm:
 
     dims = 2
     axes = 0
-    __slots__ = ("table", "verified", "layouts", "forward", "extra", "pair")
+    __slots__ = ("extra", "forward", "layouts", "pair", "table", "verified")
 
     def __init__(self, table, forward, extra: tuple):
         self.table = table
@@ -93,7 +93,7 @@ class PlanarForm:
             self.layouts[key] = _PLAIN if learnt == plain else learnt
             return out
         out = []
-        for column, stride in zip(self.table.columns, strides):
+        for column, stride in zip(self.table.columns, strides, strict=False):
             gathered = _embedding(column, position_ids)
             laid_out = torch.empty_strided(gathered.shape, stride, dtype=gathered.dtype, device=gathered.device)
             out.append(laid_out.copy_(gathered))
@@ -116,7 +116,7 @@ class PlanarForm:
             problems = [difference(want, self.lookup(module, x, p)) for p, want in expected]
         problem = next((p for p in problems if p), None)
         if problem is not None:
-            failing = next(p for (p, _), found in zip(expected, problems) if found)
+            failing = next(p for (p, _), found in zip(expected, problems, strict=False) if found)
             if reads_values(self.forward, module, x, failing, self.extra, self.lookup(module, x, failing)):
                 raise NotCacheable("its output depends on the values of x, not only on position_ids")
             raise NotCacheable(f"probe positions differ from the unpatched forward: {problem}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from rope_patch.cache.forms.planar import reads_values
 from rope_patch.cache.numerics import exact_numerics
 from rope_patch.cache.table import NotCacheable, NotPerPosition
-from rope_patch.cache.forms.planar import reads_values
 from rope_patch.identity import difference
 
 
@@ -26,7 +26,7 @@ class PrefixForm:
 
     dims = 0  # no position tensor: the key of this form in Table.forms
     axes = 0
-    __slots__ = ("table", "verified", "forward", "extra")
+    __slots__ = ("extra", "forward", "table", "verified")
 
     def __init__(self, table, forward, extra: tuple):
         self.table = table
