@@ -18,10 +18,19 @@ import torch
 from rope_patch import discovery
 from rope_patch.cache import call as slow_call
 from rope_patch.cache import rule, states
+from rope_patch.cache.fast import answer_for
 
 _Tensor = torch.Tensor
 _steps_aside = rule.steps_aside
 _answering_form = rule.answering_form
+_states_get = states.get
+# rule.steps_aside, unrolled into the hot path (one frame less per call).
+_is_compiling = rule._is_compiling
+_local = rule.local
+_disabling = rule.disabling
+_is_tracing = rule._is_tracing
+_functorch_level = rule._functorch_level
+_dispatch_modes = rule._dispatch_modes
 _MISSING = object()
 
 #: Marks functions installed by rope_patch (and finds their original).
@@ -50,6 +59,39 @@ def _positions_forward(original, extra_parameter):
 
     @functools.wraps(original)
     def forward(self, x, position_ids, *args, **kwargs):
+        # The hot path, in this one frame: the context (rule.steps_aside, the
+        # same checks inline), plain tensors, no subclass calling us through
+        # super(), then the compiled answer of the table that answered this
+        # module last (rope_patch.cache.fast), which checks the rest of the
+        # rule. Anything else, or a refusal, takes the general path. (Once
+        # retired, by unpatch(), no module has a compiled answer and none is
+        # made: the general path checks ``retired`` before anything.)
+        if not (
+            _is_compiling()
+            or (_disabling[0] and _local.disabled)
+            or _is_tracing()
+            or _functorch_level() is not None
+            or _dispatch_modes()
+            or kwargs
+            or type(x) is not _Tensor
+            or type(position_ids) is not _Tensor
+            or type(self).forward is not forward
+        ):
+            state = _states_get(id(self))
+            if state is not None:
+                if not args:
+                    answer = state.answer
+                elif keyed and len(args) == 1:
+                    answer = state.answers.get(args[0])
+                else:
+                    answer = None
+                if answer is not None:
+                    out = answer(self, x, position_ids)
+                    if out is not None:
+                        return out
+        return general(self, x, position_ids, args, kwargs)
+
+    def general(self, x, position_ids, args, kwargs):
         # Be the original exactly while a tracer or transform runs (rule.py),
         # for inputs that are not plain tensors, for a subclass whose own
         # forward calls us through super(), and once retired.
@@ -81,14 +123,30 @@ def _positions_forward(original, extra_parameter):
                 form = _answering_form(table, x, position_ids)
                 if form is not None:
                     try:
-                        return form.lookup(self, x, position_ids)
+                        out = form.lookup(self, x, position_ids)
                     except (IndexError, RuntimeError):
                         pass  # outside the table on CPU: the slow path grows it
+                    else:
+                        _remember(state, table, form, x.dtype, layer_type, extra)
+                        return out
                 elif table.forms.get(position_ids.dim(), _MISSING) is None:  # a layout it never answers
                     return original(self, x, position_ids, *extra)
         return slow_call(self, original, x, position_ids, layer_type, extra)
 
     return _mark(forward, original, retired)
+
+
+def _remember(state, table, form, dtype, layer_type, extra: tuple) -> None:
+    """Make ``table``'s compiled answer of ``form`` the one the hot path
+    tries first for this module's calls with ``extra`` (those it looks up
+    by: none, or one layer type)."""
+    if form.dims == 0:
+        return
+    answer = answer_for(table, form, dtype)
+    if not extra:
+        state.answer = answer
+    elif extra[0] is layer_type and layer_type is not None:
+        state.answers[layer_type] = answer
 
 
 def _prefix_forward(original):

@@ -195,13 +195,10 @@ def _uninstall(cls: type, previous, ours) -> None:
 @contextlib.contextmanager
 def disabled():
     """Within this block, in this thread, every rotary forward runs unpatched."""
-    from rope_patch.cache.rule import local  # imports torch: only when used
+    from rope_patch.cache import rule  # imports torch: only when used
 
-    local.disabled += 1
-    try:
+    with rule.disabled():
         yield
-    finally:
-        local.disabled -= 1
 
 
 def status() -> list[ClassStatus]:

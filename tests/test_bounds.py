@@ -40,10 +40,13 @@ def reductions(monkeypatch):
 def as_if_on_an_accelerator(module) -> list:
     """Make every table of ``module`` check bounds before answering, as on an
     accelerator (the tables stay on CPU, where the test runs)."""
-    tables = list(cache.state_of(module).tables.values())
+    state = cache.state_of(module)
+    tables = list(state.tables.values())
     assert tables
     for table in tables:
         table.on_cpu, table.bound_check = False, True
+        table.answers.clear()  # compiled for a CPU table: compile again for this one
+    state.forget_answers()
     return tables
 
 

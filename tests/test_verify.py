@@ -5,7 +5,7 @@ counts M-RoPE classes by their 3-D calls, and reports a table that went wrong.""
 import torch
 
 from rope_patch import discovery
-from rope_patch.cache.forms import PlanarForm
+from rope_patch.cache import engine
 from rope_patch.diagnostics.verify import verify_class
 from rope_patch.status import Status
 
@@ -21,13 +21,14 @@ def test_mrope_class_is_verified_in_both_forms(patched):
 def test_a_corrupted_table_is_reported(patched, monkeypatch):
     from transformers.models.llama import modeling_llama
 
-    original_lookup = PlanarForm.lookup
+    original_build = engine.build_table
 
-    def corrupted(self, module, x, position_ids):  # what a bug in the table code would look like
-        cos, sin = original_lookup(self, module, x, position_ids)
-        return cos + (position_ids == 7)[..., None], sin
+    def corrupted(*args, **kwargs):  # what a bug in the table code would look like: a wrong row, after its probe
+        table = original_build(*args, **kwargs)
+        table.columns[0][7] += 1
+        return table
 
-    monkeypatch.setattr(PlanarForm, "lookup", corrupted)
+    monkeypatch.setattr(engine, "build_table", corrupted)
     result = verify_class(discovery.describe(modeling_llama.LlamaRotaryEmbedding))
     assert any("values differ" in problem for problem in result.problems), result
 

@@ -48,12 +48,18 @@ class ModuleState:
             state no table holds (dynamic NTK while scaled): calls go
             straight to the unpatched forward while that lasts.
         fallback: why this module is never cached, or None.
+        answer: the compiled answer (rope_patch.cache.fast) of the table
+            that last answered a call without a layer type, tried first by
+            the fast path; None when there is none. Each checks the whole
+            rule itself, so an outdated one only refuses; they are dropped
+            whenever tables change so that none keeps a dropped table alive.
+        answers: layer type -> the same, for forwards keyed by one.
         cap: the largest table size in positions.
         presize: sync-free mode: the size tables are built at.
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("cap", "fallback", "lock", "never", "parked", "presize", "spares", "tables")
+    __slots__ = ("answer", "answers", "cap", "fallback", "lock", "never", "parked", "presize", "spares", "tables")
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
@@ -62,10 +68,17 @@ class ModuleState:
         self.never: dict = {}
         self.parked: dict = {}
         self.fallback: str | None = None
+        self.answer = None
+        self.answers: dict = {}
         max_positions = max_position_embeddings(module)
         self.cap = settings.max_positions or max(max_positions or 0, settings_module.DEFAULT_MIN_CAP)
         self.presize = min(max_positions or self.cap, self.cap) if settings.sync_free else None
         self.lock = threading.RLock()
+
+    def forget_answers(self) -> None:
+        """Drop the compiled answers (tables changed, or the module falls back)."""
+        self.answer = None
+        self.answers = {}
 
 
 #: id(module) -> its state; read by the fast path directly.
@@ -106,6 +119,7 @@ def forget_all() -> None:
                 state.never.clear()
                 state.parked.clear()
                 state.fallback = None
+                state.forget_answers()
         observed_fallbacks.clear()
     bounds.forget()
 
@@ -142,6 +156,7 @@ def max_position_embeddings(module) -> int | None:
 def _disable(module, state: ModuleState, reason: str) -> None:
     """Stop caching ``module`` for good; warn once per class."""
     state.fallback = reason
+    state.forget_answers()
     state.tables.clear()
     state.spares.clear()
     cls = type(module)
@@ -240,6 +255,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
             if other_state is not None and family.name == "longrope":
                 state.spares[key] = other_state  # the other frequency set: kept for switching back
         state.tables[key] = table = new
+        state.forget_answers()
     form = _form_for(state, call, table)
     if form is None:
         return call.compute()
@@ -269,6 +285,7 @@ def _current_table(state: ModuleState, key):
             candidate.watch = rearmed
         if candidate is not table:
             state.spares[key], state.tables[key] = table, candidate
+            state.forget_answers()
         return candidate
     return None
 
@@ -283,6 +300,7 @@ def _drop_stale(state: ModuleState, keep) -> None:
                 continue
             if table is None or (not table.watch.holds(grad=False) and table.watch.rearmed() is None):
                 del tables[key]
+                state.forget_answers()
 
 
 def _build(state: ModuleState, call: _Call, needed: int):

@@ -49,6 +49,8 @@ takes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import torch
@@ -73,12 +75,45 @@ class _Local(threading.local):
 
 
 local = _Local()
+#: How many threads are inside :func:`disabled` now: the per-thread switch is
+#: read only when this is not zero (a plain read instead of a thread-local one
+#: on every call).
+disabling = [0]
+_disabling_lock = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    global _disabling_lock
+    _disabling_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, in this thread, the context requires the original
+    forward (item 5)."""
+    with _disabling_lock:
+        disabling[0] += 1
+    local.disabled += 1
+    try:
+        yield
+    finally:
+        local.disabled -= 1
+        with _disabling_lock:
+            disabling[0] -= 1
 
 
 def steps_aside() -> bool:
     """The context requires the original forward (items 1-5 above)."""
-    return (
-        _is_compiling() or local.disabled or _is_tracing() or _functorch_level() is not None or _dispatch_modes() != 0
+    return bool(
+        _is_compiling()
+        or (disabling[0] and local.disabled)
+        or _is_tracing()
+        or _functorch_level() is not None
+        or _dispatch_modes()
     )
 
 

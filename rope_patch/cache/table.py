@@ -32,7 +32,8 @@ class Table:
         size: positions covered.
         device: where the columns live (the device of the calls answered).
         on_cpu: ``device.type == "cpu"`` (read on every call).
-        watch: the frequency state the columns were computed from.
+        watch: the frequency state the columns were computed from
+            (setting it drops the compiled answers, :attr:`answers`).
         forms: ``position_ids.dim()`` -> the Form that answers such calls
             from these columns (2: planar, 3: multi-axis M-RoPE).
         bound_check: accelerators only: check positions on the host before
@@ -46,6 +47,8 @@ class Table:
     """
 
     __slots__ = (
+        "_answers",
+        "_watch",
         "bound_check",
         "columns",
         "container",
@@ -55,7 +58,6 @@ class Table:
         "owner",
         "size",
         "top_from",
-        "watch",
     )
 
     def __init__(self, columns, container, size: int, device: torch.device, watch: Watch, bound_check: bool):
@@ -64,11 +66,30 @@ class Table:
         self.size = size
         self.device = device
         self.on_cpu = device.type == "cpu"
+        self._answers: dict = {}
         self.watch = watch
         self.forms: dict = {}
         self.bound_check = bound_check
         self.top_from = 0
         self.owner = None
+
+    @property
+    def watch(self) -> Watch:
+        """The frequency state the columns were computed from."""
+        return self._watch
+
+    @watch.setter
+    def watch(self, watch: Watch) -> None:
+        # A compiled answer checks the watch it was compiled with: a re-armed
+        # watch (other objects, equal values) needs new ones.
+        self._watch = watch
+        self._answers = {}
+
+    @property
+    def answers(self) -> dict:
+        """(form dims, activation dtype) -> its compiled answer for the
+        current watch (made by rope_patch.cache.fast.answer_for)."""
+        return self._answers
 
     def nbytes(self) -> int:
         """Bytes held: the columns and whatever the forms add."""
