@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from typing import ClassVar
 
 import wrapt
@@ -41,6 +42,8 @@ class _Registry:
     seen: ClassVar[dict[type, ClassStatus]] = {}
     #: module names with a wrapt hook registered (hooks cannot be removed)
     hooked: ClassVar[set[str]] = set()
+    #: remote-code modules (``transformers_modules.*``) scanned while patched
+    remote_scanned: ClassVar[weakref.WeakSet] = weakref.WeakSet()
 
 
 def _fresh_lock_in_child() -> None:
@@ -105,9 +108,7 @@ def patch(
             wrapt.register_post_import_hook(_on_import, name)
     # Remote code (trust_remote_code=True): transformers loads it as
     # transformers_modules.* through dynamic_module_utils.get_class_in_module.
-    for name, module in list(sys.modules.items()):
-        if name.startswith(discovery.REMOTE_PACKAGE + ".") and module is not None:
-            _on_import(module)
+    _scan_remote_modules()
     if _REMOTE_LOADER not in _Registry.hooked:
         _Registry.hooked.add(_REMOTE_LOADER)
         wrapt.register_post_import_hook(_hook_remote_code, _REMOTE_LOADER)
@@ -129,10 +130,31 @@ def _hook_remote_code(loader_module) -> None:
 
 def _after_remote_class_loaded(wrapped, instance, args, kwargs):
     cls = wrapped(*args, **kwargs)
-    module = sys.modules.get(getattr(cls, "__module__", ""))
-    if module is not None and settings_module.active is not None:
-        _on_import(module)
+    if settings_module.active is not None:
+        _scan_remote_modules()
     return cls
+
+
+def _scan_remote_modules() -> None:
+    """Patch the rotary classes of every remote-code module imported and not
+    scanned yet: the module ``get_class_in_module`` returned, and the
+    sibling modules it imported while it ran (an InternVL2-style
+    ``modeling_internvl_chat`` imports ``.modeling_internlm2``, whose rotary
+    the returned class never names). Module objects are remembered, so a
+    scan costs one pass over ``sys.modules``; a reloaded module is a new
+    object and is scanned again. Never raises (``_on_import`` logs)."""
+    prefix = discovery.REMOTE_PACKAGE + "."
+    with _Registry.lock:
+        for name, module in list(sys.modules.items()):
+            if module is None or not name.startswith(prefix):
+                continue
+            try:
+                if module in _Registry.remote_scanned:
+                    continue
+                _Registry.remote_scanned.add(module)
+            except TypeError:  # unhashable or not weak-referenceable (a stand-in in sys.modules): scan each time
+                pass
+            _on_import(module)
 
 
 def unpatch() -> bool:
@@ -151,6 +173,7 @@ def unpatch() -> bool:
             _uninstall(cls, previous, ours)
         _Registry.installed.clear()
         _Registry.seen.clear()
+        _Registry.remote_scanned.clear()
         settings_module.active = None
         if "rope_patch.cache" in sys.modules:  # else no table was ever built
             sys.modules["rope_patch.cache"].forget_all()
