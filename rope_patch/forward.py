@@ -17,7 +17,8 @@ import torch
 
 from rope_patch import discovery
 from rope_patch.cache import call as slow_call
-from rope_patch.cache import rule, states
+from rope_patch.cache import hand_over, rule, states
+from rope_patch.cache.engine import SEQ_LEN_READ
 
 _Tensor = torch.Tensor
 _steps_aside = rule.steps_aside
@@ -41,10 +42,10 @@ def make_forward(original, rotary: discovery.RotaryClass):
     """
     if rotary.convention == discovery.PREFIX:
         return _prefix_forward(original)
-    return _positions_forward(original, rotary.extra)
+    return _positions_forward(original, rotary.extra, rotary.unread_seq_len)
 
 
-def _positions_forward(original, extra_parameter):
+def _positions_forward(original, extra_parameter, unread_seq_len=False):
     retired = []  # non-empty once unpatch() left us beneath another wrapper
     keyed = extra_parameter == "layer_type"
 
@@ -65,7 +66,8 @@ def _positions_forward(original, extra_parameter):
             value = args[0] if args else kwargs.get(extra_parameter, _MISSING)
             if extra_parameter is None or len(args) + len(kwargs) != 1 or value is _MISSING:
                 return original(self, x, position_ids, *args, **kwargs)  # let the original judge them
-            if not keyed and value is not None:  # seq_len: answered only when not given
+            if not keyed and value is not None and not unread_seq_len:  # seq_len the forward may read
+                hand_over(self, SEQ_LEN_READ)
                 return original(self, x, position_ids, *args, **kwargs)
             layer_type = value if keyed else None
             extra = (value,)

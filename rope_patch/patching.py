@@ -231,10 +231,14 @@ def status() -> list[ClassStatus]:
     """What patching did with every class seen so far, run-time fallbacks included."""
     with _Registry.lock:
         rows = list(_Registry.seen.values())
-    fallbacks = sys.modules["rope_patch.cache"].fallback_reasons() if "rope_patch.cache" in sys.modules else {}
+    cache = sys.modules.get("rope_patch.cache")
+    fallbacks = cache.fallback_reasons() if cache is not None else {}
+    # A class none of whose calls was answered, every one handed to the
+    # original for a reason of the class, is a fallback with that reason.
+    handed = cache.handed_reasons() if cache is not None else {}
     out = []
     for row in rows:
-        reason = fallbacks.get(row.rotary.cls)
+        reason = fallbacks.get(row.rotary.cls) or handed.get(row.rotary.cls)
         fell_back = reason and row.status == Status.CACHED
         out.append(dataclasses.replace(row, status=Status.FALLBACK, reason=reason) if fell_back else row)
     return sorted(out, key=lambda r: (r.rotary.module, r.rotary.name))

@@ -15,13 +15,22 @@ Layout:
 
 The public boundary is this module: :func:`call` (the slow path), the fast
 path's two reads (:data:`states`, :mod:`rule`), :func:`cache_info`,
-:func:`forget_all`, :func:`fallback_reasons`.
+:func:`forget_all`, :func:`fallback_reasons`, :func:`handed_reasons`.
 """
 
 from __future__ import annotations
 
 from rope_patch.cache import rule
-from rope_patch.cache.engine import call, forget_all, observed_fallbacks, state_of, states
+from rope_patch.cache.engine import (
+    answered_classes,
+    call,
+    forget_all,
+    hand_over,
+    observed_fallbacks,
+    observed_handed,
+    state_of,
+    states,
+)
 from rope_patch.info import CacheInfo, TableInfo
 
 
@@ -33,7 +42,7 @@ def cache_info(module) -> CacheInfo:
     with state.lock:
         items = list(state.tables.items()) + list(state.spares.items())
         fallback = state.fallback
-        unpatched = tuple(sorted(set(state.never.values())))
+        unpatched = tuple(sorted(set(state.never.values()) | set(state.handed)))
     rows = []
     for (device, dtype, layer_type), table in items:
         forms = tuple(_form_name(table, form) for _, form in sorted(table.forms.items()) if form and form.verified)
@@ -55,4 +64,23 @@ def fallback_reasons() -> dict[type, str]:
     return dict(observed_fallbacks)
 
 
-__all__ = ["cache_info", "call", "fallback_reasons", "forget_all", "rule", "state_of", "states"]
+def handed_reasons() -> dict[type, str]:
+    """class -> why its calls were computed unpatched for a reason of the
+    class (every reason seen, "; "-joined), for classes none of whose calls
+    was answered from a table so far."""
+    return {
+        cls: "; ".join(list(reasons)) for cls, reasons in list(observed_handed.items()) if cls not in answered_classes
+    }
+
+
+__all__ = [
+    "cache_info",
+    "call",
+    "fallback_reasons",
+    "forget_all",
+    "hand_over",
+    "handed_reasons",
+    "rule",
+    "state_of",
+    "states",
+]

@@ -48,12 +48,14 @@ class ModuleState:
             state no table holds (dynamic NTK while scaled): calls go
             straight to the unpatched forward while that lasts.
         fallback: why this module is never cached, or None.
+        handed: why calls of it were computed unpatched for a reason of its
+            class, each once, in the order seen (:func:`hand_over`).
         cap: the largest table size in positions.
         presize: sync-free mode: the size tables are built at.
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("cap", "fallback", "lock", "never", "parked", "presize", "spares", "tables")
+    __slots__ = ("cap", "fallback", "handed", "lock", "never", "parked", "presize", "spares", "tables")
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
@@ -62,6 +64,7 @@ class ModuleState:
         self.never: dict = {}
         self.parked: dict = {}
         self.fallback: str | None = None
+        self.handed: dict[str, None] = {}
         max_positions = max_position_embeddings(module)
         self.cap = settings.max_positions or max(max_positions or 0, settings_module.DEFAULT_MIN_CAP)
         self.presize = min(max_positions or self.cap, self.cap) if settings.sync_free else None
@@ -74,6 +77,20 @@ _states_lock = threading.Lock()
 _warned: set[type] = set()
 #: class -> reason, for classes that fell back at run time (``status()``).
 observed_fallbacks: dict[type, str] = {}
+#: class -> why calls of it went to the unpatched forward for a reason of
+#: the class (each reason once, in the order seen): a class with no call
+#: answered from a table is reported with them (``status()``).
+observed_handed: dict[type, dict[str, None]] = {}
+#: classes some call of which was answered from a verified table.
+answered_classes: set[type] = set()
+
+#: Why a call passing ``seq_len`` to ``forward(x, position_ids, seq_len=None)``
+#: goes to the unpatched forward (Phi-3-era remote code passes it on every
+#: call; a forward that provably never reads it is answered anyway).
+SEQ_LEN_READ = (
+    "the model passes seq_len, which this forward reads: those calls are computed unpatched "
+    "(tables answer calls without it)"
+)
 
 
 def state_of(module) -> ModuleState | None:
@@ -105,8 +122,11 @@ def forget_all() -> None:
                 state.spares.clear()
                 state.never.clear()
                 state.parked.clear()
+                state.handed.clear()
                 state.fallback = None
         observed_fallbacks.clear()
+        observed_handed.clear()
+        answered_classes.clear()
     bounds.forget()
 
 
@@ -149,6 +169,26 @@ def _disable(module, state: ModuleState, reason: str) -> None:
     if cls not in _warned:
         _warned.add(cls)
         logger.warning("rope_patch: %s is computed unpatched from now on: %s", cls.__name__, reason)
+
+
+def hand_over(module, reason: str) -> None:
+    """Record that a call of ``module`` goes to the unpatched forward for a
+    reason of its class (``status()`` and ``cache_info`` report it); once
+    per module and reason. Called only on paths that run the original."""
+    state = state_for(module)
+    if reason in state.handed:
+        return
+    with state.lock:
+        state.handed[reason] = None
+    reasons = observed_handed.setdefault(type(module), {})
+    if reason not in reasons:
+        reasons[reason] = None
+        logger.info("rope_patch: %s: %s", type(module).__name__, reason)
+
+
+def mark_answered(module) -> None:
+    """A call of ``module`` was answered from a verified table."""
+    answered_classes.add(type(module))
 
 
 # --------------------------------------------------------------------------
@@ -203,6 +243,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     family = family_for(module, original, layer_type)
     if isinstance(family, str):  # a rope type we cannot follow
         state.never[layer_type] = family
+        observed_handed.setdefault(type(module), {})[family] = None
         return original(module, x, position_ids, *extra)
     call = _Call(module, x, position_ids, extra, original)
     if family is not None:
@@ -367,4 +408,5 @@ def _verify_first_use(state: ModuleState, call: _Call, table, form):
             _disable(call.module, state, f"first call differs from the unpatched forward: {problem}")
             return expected
     form.verified = True
+    mark_answered(call.module)
     return actual if rule.answering_form(table, call.x, call.position_ids, updated=True) is form else expected
