@@ -26,6 +26,20 @@ MOVES = frozenset(
 GATHERS = frozenset({"__getitem__", "embedding", "index_select", "gather", "take"})
 
 
+class StateChanged(NotCacheable):
+    """The build call replaced, added or removed module state (put back):
+    a forward that initialises state on first use, or changes it past some
+    positions (dynamic NTK in its own code).
+
+    Attributes:
+        names: the entries it changed, comma-separated.
+    """
+
+    def __init__(self, message: str, names: str):
+        super().__init__(message)
+        self.names = names
+
+
 class _Ops(torch.overrides.TorchFunctionMode):
     """The names of the torch functions the build call runs."""
 
@@ -81,7 +95,8 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     finally:
         changed = _restore(module, before)
     if changed:
-        raise NotCacheable(f"the forward changes the module's own state when called ({', '.join(changed)})")
+        shown, names = f"seq_len={size}" if prefix else f"positions 0..{size - 1}", ", ".join(changed)
+        raise StateChanged(f"the forward changes the module's own state when called with {shown} ({names})", names)
     try:
         watch = recorder.watch()
     except Unwatchable as error:

@@ -24,7 +24,7 @@ import weakref
 
 from rope_patch import settings as settings_module
 from rope_patch.cache import bounds, rule
-from rope_patch.cache.build import build_table
+from rope_patch.cache.build import StateChanged, build_table
 from rope_patch.cache.families import family_for
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
@@ -51,11 +51,13 @@ class ModuleState:
         handed: why calls of it were computed unpatched for a reason of its
             class, each once, in the order seen (:func:`hand_over`).
         cap: the largest table size in positions.
+        capped: why ``cap`` was lowered below the configured one (a build
+            failed past it), or None.
         presize: sync-free mode: the size tables are built at.
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("cap", "fallback", "handed", "lock", "never", "parked", "presize", "spares", "tables")
+    __slots__ = ("cap", "capped", "fallback", "handed", "lock", "never", "parked", "presize", "spares", "tables")
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
@@ -68,6 +70,7 @@ class ModuleState:
         max_positions = max_position_embeddings(module)
         self.cap = settings.max_positions or max(max_positions or 0, settings_module.DEFAULT_MIN_CAP)
         self.presize = min(max_positions or self.cap, self.cap) if settings.sync_free else None
+        self.capped: str | None = None
         self.lock = threading.RLock()
 
 
@@ -269,6 +272,8 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
         low, high = bounds.extent(position_ids, id(module), state)
     call.limit = family.limit(module, layer_type, high, state.cap) if family else state.cap
     if low < 0 or high >= call.limit:
+        if state.capped is not None and high >= state.cap:
+            hand_over(module, state.capped)
         return call.compute()
     if table is None or high >= table.size:
         other_state = state.tables.pop(key, None) if table is None else None
@@ -352,20 +357,62 @@ def _build(state: ModuleState, call: _Call, needed: int):
         return attempt(size)
     except NotCacheable as error:
         problem = error
-    # A forward whose own range ends before the rounded-up size (a fixed-size
-    # buffer it indexes) gets a table of exactly ``needed`` positions, and the
-    # cap stops there. If the call itself raises, that exception propagates
-    # and nothing is disabled.
+    # If the call itself raises, that exception propagates and nothing is
+    # disabled.
     call.compute()
-    if size > needed:
-        state.cap = needed
+    if isinstance(problem, StateChanged):
+        # The call may have set state the forward initialises on its first
+        # call (Phi-3's inv_freq starts as None): once more, as it is now.
         try:
-            return attempt(needed)
+            return attempt(size)
         except NotCacheable as error:
             problem = error
+    if isinstance(problem, StateChanged):
+        # It changes its own state past some positions (dynamic NTK in its
+        # own code, InternLM2.5): tables stop below them, the rest is
+        # computed unpatched, with the reason.
+        table, above = largest_table(attempt, size - 1)
+        if table is not None:
+            cap(state, table.size, above or problem)
+            return table if table.size >= needed else None
+        problem = f"the forward changes the module's own state on every call ({problem.names})"
+    elif size > needed:
+        # A forward whose own range ends before the rounded-up size (a
+        # fixed-size buffer it indexes) gets a table of exactly ``needed``
+        # positions, and the cap stops there.
+        try:
+            table = attempt(needed)
+        except NotCacheable as error:
+            problem = error
+        else:
+            cap(state, needed, problem)
+            return table
     vision = isinstance(problem, NotPerPosition) and is_vision(type(call.module))
     _disable(call.module, state, VISION_REASON if vision else str(problem))
     return None
+
+
+def largest_table(attempt, high: int):
+    """``(table, problem)``: the table of the largest size in ``1 .. high``
+    that ``attempt(size)`` builds, found by bisection (None if none), and
+    the NotCacheable of the smallest size tried above it (None if none)."""
+    low, best, above = 0, None, None
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            best = attempt(middle)
+        except NotCacheable as error:
+            high, above = middle - 1, error
+        else:
+            low = middle
+    return best, above
+
+
+def cap(state: ModuleState, size: int, problem) -> None:
+    """Tables of ``state`` stop at ``size`` positions: a build past it failed
+    with ``problem``; calls reaching past it are computed unpatched, and say so."""
+    state.cap = size
+    state.capped = f"calls reaching position {size} or beyond are computed unpatched: {problem}"
 
 
 def _form_for(state: ModuleState, call: _Call, table):
