@@ -50,6 +50,10 @@ class RotaryClass:
         unread_seq_len: the forward provably never reads its ``seq_len``
             parameter (rope_patch.unread): calls passing one are answered
             like calls that do not (Phi-3's remote code passes it always).
+        rebuild: the name of the method that rebuilds the class's own cache
+            (``_set_cos_sin_cache``) when the class follows that convention
+            (rope_patch.cache.rebuild): the rebuild is answered from
+            tables, the forward runs as it is.
     """
 
     cls: type
@@ -59,6 +63,7 @@ class RotaryClass:
     extra: str | None
     unsupported: str | None
     unread_seq_len: bool = False
+    rebuild: str | None = None
 
     @property
     def name(self) -> str:
@@ -180,6 +185,7 @@ def describe(cls: type) -> RotaryClass:
     """Classify ``cls`` by its forward's signature. A vision rotary whose
     signature no table can answer gets VISION_REASON (the reason that
     matters); one that takes per-position ids is patched like any other."""
+    from rope_patch.cache.rebuild import rebuild_method  # torch is imported: cls is a Module
     from rope_patch.unread import never_read
 
     forward = cls.__dict__.get("forward")
@@ -195,6 +201,7 @@ def describe(cls: type) -> RotaryClass:
         extra=extra,
         unsupported=unsupported,
         unread_seq_len=extra == "seq_len" and never_read(resolved, "seq_len"),
+        rebuild=rebuild_method(cls) if convention == PREFIX else None,
     )
 
 

@@ -35,9 +35,10 @@ class _Registry:
     are ``rope_patch.settings.active`` (None: not patched)."""
 
     lock: ClassVar[threading.RLock] = threading.RLock()
-    #: class -> (its ``__dict__["forward"]`` before we touched it or
-    #: _MISSING, the function we installed)
-    installed: ClassVar[dict[type, tuple[object, object]]] = {}
+    #: (class, attribute) -> (its ``__dict__[attribute]`` before we touched
+    #: it or _MISSING, the function we installed): ``forward``, and the
+    #: cache rebuild of classes that have one (rope_patch.cache.rebuild)
+    installed: ClassVar[dict[tuple[type, str], tuple[object, object]]] = {}
     #: class -> ClassStatus, for every class a hook has seen while patched
     seen: ClassVar[dict[type, ClassStatus]] = {}
     #: module names with a wrapt hook registered (hooks cannot be removed)
@@ -169,8 +170,8 @@ def unpatch() -> bool:
         if not is_patched():
             logger.warning("rope_patch: not patched; unpatch() ignored")
             return False
-        for cls, (previous, ours) in _Registry.installed.items():
-            _uninstall(cls, previous, ours)
+        for (cls, name), (previous, ours) in _Registry.installed.items():
+            _uninstall(cls, previous, ours, name)
         _Registry.installed.clear()
         _Registry.seen.clear()
         _Registry.remote_scanned.clear()
@@ -180,18 +181,18 @@ def unpatch() -> bool:
     return True
 
 
-def _uninstall(cls: type, previous, ours) -> None:
-    """Put ``previous`` back as ``cls.forward``; when another wrapper was
+def _uninstall(cls: type, previous, ours, name: str = "forward") -> None:
+    """Put ``previous`` back as ``cls.<name>``; when another wrapper was
     applied on top of ``ours`` since, rewire it onto the original instead."""
     from rope_patch import forward
 
-    current = cls.__dict__.get("forward", _MISSING)
+    current = cls.__dict__.get(name, _MISSING)
     if current is ours or current is _MISSING:
         if previous is _MISSING:
             if current is not _MISSING:
-                delattr(cls, "forward")
+                delattr(cls, name)
         else:
-            cls.forward = previous
+            setattr(cls, name, previous)
         return
     link = current
     for _ in range(8):  # find the wrapper whose __wrapped__ is ours
@@ -209,9 +210,10 @@ def _uninstall(cls: type, previous, ours) -> None:
     # retired, ours now runs the original on every call.
     forward.retire(ours)
     logger.warning(
-        "rope_patch: %s.forward was wrapped after rope_patch by something that cannot be rewired; "
-        "it stays, and calls the original through rope_patch's retired forward",
+        "rope_patch: %s.%s was wrapped after rope_patch by something that cannot be rewired; "
+        "it stays, and calls the original through rope_patch's retired replacement",
         cls.__name__,
+        name,
     )
 
 
@@ -298,6 +300,8 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
         if forward.original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
             _install(cls, forward.make_forward(original, rotary))
+        if rotary.rebuild is not None:
+            _install_rebuild(cls, rotary.rebuild)
     elif forward.original_of(resolved) is not None:
         # Excluded or unsupported, but inheriting a wrapped forward: pin the
         # original so this class stays untouched.
@@ -305,10 +309,21 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
     _Registry.seen[cls] = decision
 
 
-def _install(cls: type, function) -> None:
-    previous = _Registry.installed.get(cls, (cls.__dict__.get("forward", _MISSING), None))[0]
-    _Registry.installed[cls] = (previous, function)
-    cls.forward = function
+def _install_rebuild(cls: type, name: str) -> None:
+    """Replace the cache rebuild ``cls.<name>`` (rope_patch.cache.rebuild),
+    own or inherited from a class nobody patched, like a forward."""
+    from rope_patch import forward
+    from rope_patch.cache import rebuild
+
+    resolved = getattr(cls, name)
+    if forward.original_of(resolved) is None:
+        _install(cls, rebuild.make_method(resolved), name)
+
+
+def _install(cls: type, function, name: str = "forward") -> None:
+    previous = _Registry.installed.get((cls, name), (cls.__dict__.get(name, _MISSING), None))[0]
+    _Registry.installed[(cls, name)] = (previous, function)
+    setattr(cls, name, function)
 
 
 _warned_messages: set[str] = set()

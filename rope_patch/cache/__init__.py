@@ -51,6 +51,9 @@ def cache_info(module) -> CacheInfo:
 
 
 def _form_name(table, form) -> str:
+    name = getattr(form, "name", None)
+    if name:  # a form that names itself (rope_patch.cache.rebuild)
+        return name
     if form.dims == 0:
         return "seq_len"
     if form.dims == 2:
