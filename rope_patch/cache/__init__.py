@@ -46,7 +46,11 @@ def cache_info(module) -> CacheInfo:
     rows = []
     for (device, dtype, layer_type), table in items:
         forms = tuple(_form_name(table, form) for _, form in sorted(table.forms.items()) if form and form.verified)
-        rows.append(TableInfo(device, dtype, layer_type, table.size, table.nbytes(), forms))
+        # Shared columns count 1/k in each of the k tables answering from them.
+        sharers = max(1, len(table.shared.tables)) if table.shared is not None else 1
+        columns = sum(column.numel() * column.element_size() for column in table.columns)
+        held = table.nbytes() - columns + columns // sharers
+        rows.append(TableInfo(device, dtype, layer_type, table.size, held, forms, sharers))
     return CacheInfo(tables=tuple(rows), fallback=fallback, unpatched=unpatched)
 
 

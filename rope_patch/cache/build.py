@@ -109,13 +109,21 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
         read = ", ".join(sorted(entry[1] for entry in (*watch.tensors, *watch.inference))) or "buffer"
         raise NotCacheable(f"the forward only gathers rows of its precomputed {read}: nothing to gain")
     columns = form_class.columns_of(outputs, size, device)
-    table = Table(columns, container, size, device, watch, bound_check)
+    return table_from(module, forward, x, extra, columns, container, size, watch, bound_check, form_class, axes)
+
+
+def table_from(module, forward, x, extra, columns, container, size, watch, bound_check, form_class, axes=0) -> Table:
+    """The table of ``module`` answering from ``columns`` (built from its
+    forward, or shared with a module of equal frequency state), its form
+    probed against the module's own forward (none for ``axes``: learnt on
+    first need). Raises NotCacheable as :func:`build_table`."""
+    table = Table(columns, container, size, x.device, watch, bound_check)
     table.owner = id(module)  # not the module: tables must not keep it alive
     if not axes:
         form = form_class(table, forward, extra)
         form.probe(module, x)
         table.forms[form.dims] = form
-    with exact_numerics(device.type):
+    with exact_numerics(x.device.type):
         if not watch.holds():
             # Calling it again touched what it reads: only equal values keep
             # the table (longrope's update copies the same set in place).

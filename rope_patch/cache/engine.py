@@ -23,9 +23,10 @@ import threading
 import weakref
 
 from rope_patch import settings as settings_module
-from rope_patch.cache import bounds, rule
-from rope_patch.cache.build import StateChanged, build_table
+from rope_patch.cache import bounds, rule, shared
+from rope_patch.cache.build import StateChanged, build_table, table_from
 from rope_patch.cache.families import family_for
+from rope_patch.cache.forms import PlanarForm, PrefixForm
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
 from rope_patch.cache.table import NotCacheable, NotPerPosition, table_size
@@ -131,6 +132,7 @@ def forget_all() -> None:
         observed_handed.clear()
         answered_classes.clear()
     bounds.forget()
+    shared.forget()
 
 
 def _after_fork_in_child() -> None:
@@ -278,9 +280,13 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     if table is None or high >= table.size:
         other_state = state.tables.pop(key, None) if table is None else None
         _drop_stale(state, key)
-        new = _build(state, call, high + 1)
+        new = _adopt(state, call, key, high + 1)
         if new is None:
-            return call.compute()
+            new = _build(state, call, high + 1, lambda: _adopt(state, call, key, high + 1))
+            if new is None:
+                return call.compute()
+            if new.shared is None and (2 in new.forms or 0 in new.forms):  # offered to modules of equal state
+                shared.publish(call.module, shared.FORWARD, key, new)
         if family is not None:
             new.top_from = family.top_from(module, layer_type, new.size)
             if other_state is not None and family.name == "longrope":
@@ -331,10 +337,32 @@ def _drop_stale(state: ModuleState, keep) -> None:
                 del tables[key]
 
 
-def _build(state: ModuleState, call: _Call, needed: int):
+def _adopt(state: ModuleState, call: _Call, key, needed: int):
+    """A table answering from the columns of another module of the class
+    whose frequency state is equal (per-layer rotaries), probed against this
+    module's forward; or None (rope_patch.cache.shared)."""
+    prefix = type(call.position_ids) is int
+    form_class = PrefixForm if prefix else PlanarForm
+    bound_check = call.x.device.type != "cpu" and state.presize is None
+
+    def make(group, watch):
+        return table_from(
+            call.module, call.forward, call.x, call.extra, group.columns, group.container, group.size, watch,
+            bound_check, form_class,
+        )  # fmt: skip
+
+    return shared.adopt(call.module, shared.FORWARD, key, needed, call.limit, make)
+
+
+def _build(state: ModuleState, call: _Call, needed: int, adopt=None):
     """A new table covering ``needed`` positions, or None (computed
     unpatched). Raises what the unpatched call raises when a failed build
-    turns out to be the call's own fault."""
+    turns out to be the call's own fault.
+
+    Args:
+        adopt: tried again after the call ran (it may have initialised the
+            module's state to that of a shared table; see :func:`_adopt`).
+    """
     x = call.x
     bound_check = x.device.type != "cpu" and state.presize is None
     prefix = type(call.position_ids) is int
@@ -363,6 +391,9 @@ def _build(state: ModuleState, call: _Call, needed: int):
     if isinstance(problem, StateChanged):
         # The call may have set state the forward initialises on its first
         # call (Phi-3's inv_freq starts as None): once more, as it is now.
+        adopted = adopt() if adopt is not None else None
+        if adopted is not None:
+            return adopted
         try:
             return attempt(size)
         except NotCacheable as error:

@@ -51,7 +51,7 @@ import threading
 
 import torch
 
-from rope_patch.cache import engine, rule
+from rope_patch.cache import engine, rule, shared
 from rope_patch.cache.numerics import exact_numerics
 from rope_patch.cache.table import NotCacheable, Table, table_size
 from rope_patch.cache.watch import Recorder, Unwatchable
@@ -261,7 +261,7 @@ class Program:
 
 class RebuildForm:
     """How a table answers a module's rebuilds (its key in ``Table.forms``
-    is REBUILD): the Program, and this module's own verification."""
+    is REBUILD): the shared Program, and this module's own verification."""
 
     name = REBUILD
     dims = -1  # no position tensor
@@ -551,11 +551,17 @@ def _slow(module, original, seq_len: int, device, dtype, args, kwargs):
 def _build(state, module, original, device, dtype, needed: int, args, kwargs):
     """A table covering ``needed`` positions, or None (the call is then
     computed unpatched; the module is disabled when no table can be learnt)."""
-    engine._drop_stale(state, (device, dtype, None))
+    key = (device, dtype, None)
+    engine._drop_stale(state, key)
+    table = shared.adopt(module, shared.REBUILD, key, needed, state.cap, _sharing_table(module, device))
+    if table is not None:
+        return table
     size = table_size(needed, state.cap, state.presize)
 
     def attempt(n):
-        return build(module, original, device, dtype, n)
+        table = build(module, original, device, dtype, n)
+        shared.publish(module, shared.REBUILD, key, table, table.forms[REBUILD].program)
+        return table
 
     try:
         return attempt(size)
@@ -574,6 +580,19 @@ def _build(state, module, original, device, dtype, needed: int, args, kwargs):
             return None
     engine._disable(module, state, str(problem))
     return None
+
+
+def _sharing_table(module, device):
+    """``make`` for shared.adopt: this module's table on a group's columns
+    and Program, verified on its own first rebuild."""
+
+    def make(group, watch):
+        table = Table(group.columns, None, group.size, device, watch, bound_check=False)
+        table.owner = id(module)
+        table.forms[REBUILD] = RebuildForm(group.payload)
+        return table
+
+    return make
 
 
 def _verify_first_use(state, module, original, table, form: RebuildForm, seq_len: int, args, kwargs):
