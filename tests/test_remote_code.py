@@ -306,7 +306,11 @@ def test_a_sibling_modules_rotaries_are_patched_in_either_import_order(tmp_path,
     assert report["status"] == {
         "InternLM2RotaryEmbedding": ["cached", "", "internlm2"],
         "InternLM2LinearScalingRotaryEmbedding": ["cached", "", "internlm2"],
-        "InternLM2DynamicNTKScalingRotaryEmbedding": ["fallback", f"{OWN_CACHE}; {elementwise}", "internlm2"],
+        "InternLM2DynamicNTKScalingRotaryEmbedding": [
+            "fallback",
+            "; ".join(sorted([OWN_CACHE, elementwise])),
+            "internlm2",
+        ],
     }
     row = 64 * 32 * 4  # positions x head_dim x fp32
     assert report["tables"] == {
@@ -389,3 +393,91 @@ def test_per_layer_dynamic_ntk_rotaries_share_one_table_and_say_where_they_stop(
     assert report["tables"] == {str(i): [[16, table // 3, ["2-D"], 3]] for i in range(3)}
     assert report["unpatched"] == {str(i): [capped] for i in range(3)}
     assert report["bytes"] == table - table % 3
+
+
+# --------------------------------------------------------------------------
+# rope-patch check --trust-remote-code on such folders
+
+
+def run_check(tmp_path, style, *options, **config):
+    """``rope-patch check FOLDER --trust-remote-code --no-timing --json`` in
+    a child process (HF_MODULES_CACHE must be set before transformers is
+    imported); its report."""
+    folder = write_model_folder(tmp_path / "model", style, **config)
+    child = subprocess.run(  # the return code is checked below
+        [
+            sys.executable,
+            "-m",
+            "rope_patch",
+            "check",
+            str(folder),
+            "--trust-remote-code",
+            "--no-timing",
+            "--json",
+            *options,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
+    )
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout)
+
+
+def rows_of(report) -> dict:
+    return {row["name"]: row for row in report["rotaries"]}
+
+
+def test_check_reports_only_the_rotaries_the_remote_model_holds(tmp_path):
+    """DeepSeek-V3's model_type is also a native one: the native class, which
+    the loaded model never uses, is not counted (it was "1 of 5 answered",
+    that one being the native class); the remote classes are checked as the
+    model builds them, each rebuild answered from tables."""
+    report = run_check(tmp_path, "deepseek", rotary=["default", "yarn", "yarn", "default"], num_hidden_layers=4)
+    assert report["model_type"] == "deepseek_v3" and report["notes"] == []
+    rows = rows_of(report)
+    assert list(rows) == ["DeepseekV3RotaryEmbedding", "DeepseekV3YarnRotaryEmbedding"]
+    assert all(row["module"].startswith("transformers_modules.") for row in rows.values())
+    assert rows["DeepseekV3RotaryEmbedding"]["held"] == ["layers.0.rotary_emb", "layers.3.rotary_emb"]
+    assert rows["DeepseekV3YarnRotaryEmbedding"]["held"] == ["layers.1.rotary_emb", "layers.2.rotary_emb"]
+    for row in rows.values():
+        assert (row["status"], row["reason"], row["identical"], row["unpatched"]) == ("cached", "", True, [])
+
+
+def test_check_finds_sibling_rotaries_and_gives_the_runtime_reasons(tmp_path):
+    """InternVL2: the rotaries live in the sibling module. Only the classes
+    the config selects are reported, with the reasons the runtime gives
+    (status() and cache_info: one vocabulary)."""
+    report = run_check(tmp_path, "internvl", rotary=["default", "linear", "dynamic"], num_hidden_layers=3)
+    rows = rows_of(report)
+    assert list(rows) == [
+        "InternLM2RotaryEmbedding",
+        "InternLM2LinearScalingRotaryEmbedding",
+        "InternLM2DynamicNTKScalingRotaryEmbedding",
+    ]
+    elementwise = (
+        f"calls reaching position 16 or beyond are computed unpatched: its cache rebuild ({METHOD}) is not "
+        "position-elementwise: inv_freq for seq_len=1 is not what it is for seq_len=17 (values differ)"
+    )
+    for name in ("InternLM2RotaryEmbedding", "InternLM2LinearScalingRotaryEmbedding"):
+        assert (rows[name]["status"], rows[name]["reason"], rows[name]["unpatched"]) == ("cached", "", [OWN_CACHE])
+    dynamic = rows["InternLM2DynamicNTKScalingRotaryEmbedding"]
+    assert (dynamic["status"], dynamic["reason"]) == ("fallback", "; ".join(sorted([OWN_CACHE, elementwise])))
+    assert all(row["identical"] for row in rows.values())
+
+
+def test_check_on_phi3_says_which_calls_are_computed_unpatched(tmp_path):
+    report = run_check(tmp_path, "phi3", "--dtype", "float32", rotary=["default", "su", "legacy"], num_hidden_layers=3)
+    rows = rows_of(report)
+    assert {name: (row["status"], row["reason"], row["unpatched"]) for name, row in rows.items()} == {
+        "Phi3RotaryEmbedding": ("cached", "", []),
+        "Phi3SuScaledRotaryEmbedding": (
+            "fallback",
+            "the forward changes the module's own state on every call (inv_freq)",
+            [],
+        ),
+        "LegacyRotaryEmbedding": ("cached", "", [SEQ_LEN_READ]),
+    }
+    assert all(row["identical"] for row in rows.values())

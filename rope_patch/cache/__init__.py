@@ -73,11 +73,11 @@ def fallback_reasons() -> dict[type, str]:
 
 def handed_reasons() -> dict[type, str]:
     """class -> why its calls were computed unpatched for a reason of the
-    class (every reason seen, "; "-joined), for classes none of whose calls
-    was answered from a table so far."""
-    return {
-        cls: "; ".join(list(reasons)) for cls, reasons in list(observed_handed.items()) if cls not in answered_classes
-    }
+    class (every reason seen, sorted and "; "-joined, as outcome() joins a
+    module's), for classes none of whose calls was answered from a table
+    so far."""
+    handed = list(observed_handed.items())
+    return {cls: "; ".join(sorted(reasons)) for cls, reasons in handed if cls not in answered_classes}
 
 
 __all__ = [

@@ -91,10 +91,7 @@ answered_classes: set[type] = set()
 #: Why a call passing ``seq_len`` to ``forward(x, position_ids, seq_len=None)``
 #: goes to the unpatched forward (Phi-3-era remote code passes it on every
 #: call; a forward that provably never reads it is answered anyway).
-SEQ_LEN_READ = (
-    "the model passes seq_len, which this forward reads: those calls are computed unpatched "
-    "(tables answer calls without it)"
-)
+SEQ_LEN_READ = "calls passing seq_len are computed unpatched: this forward reads it (tables answer calls without it)"
 
 
 def state_of(module) -> ModuleState | None:
