@@ -47,11 +47,25 @@ def cache_info(module) -> CacheInfo:
     for (device, dtype, layer_type), table in items:
         forms = tuple(_form_name(table, form) for _, form in sorted(table.forms.items()) if form and form.verified)
         # Shared columns count 1/k in each of the k tables answering from them.
-        sharers = max(1, len(table.shared.tables)) if table.shared is not None else 1
+        sharers = _sharers(table)
         columns = sum(column.numel() * column.element_size() for column in table.columns)
         held = table.nbytes() - columns + columns // sharers
         rows.append(TableInfo(device, dtype, layer_type, table.size, held, forms, sharers))
     return CacheInfo(tables=tuple(rows), fallback=fallback, unpatched=unpatched)
+
+
+def _sharers(table) -> int:
+    """How many modules' current tables answer from ``table``'s columns
+    (tables replaced but not yet collected, forms and tables refer to each
+    other, do not count)."""
+    if table.shared is None:
+        return 1
+    count = 0
+    for other in list(table.shared.tables):
+        state = states.get(other.owner)
+        if state is not None and any(held is other for held in (*state.tables.values(), *state.spares.values())):
+            count += 1
+    return max(count, 1)
 
 
 def _form_name(table, form) -> str:
