@@ -73,6 +73,7 @@ MIN_LEARN = 4
 _MISSING = object()
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _Tensor = torch.Tensor
+_CONTIGUOUS = torch.contiguous_format
 _steps_aside = rule.steps_aside
 _capturing = rule.capturing
 
@@ -136,14 +137,14 @@ def make_method(original):
 
     retired = []
     states = engine.states
-    hooks = torch.nn.modules.module._global_buffer_registration_hooks
+    hooks = getattr(torch.nn.modules.module, "_global_buffer_registration_hooks", {})
 
     @functools.wraps(original)
     def method(self, *args, **kwargs):
         if (
-            _inside.module is not self
+            _steps_aside()  # first: under dynamo nothing below is traced
+            or _inside.module is not self
             or retired
-            or _steps_aside()
             or hooks  # register_buffer would run them; a replay would not
             or (getattr(type(self), METHOD) is not method and not _wraps(getattr(type(self), METHOD), method))
         ):
@@ -172,6 +173,8 @@ def make_method(original):
 
 def _arguments(args: tuple, kwargs: dict):
     """``(seq_len, device, dtype)`` as the call passed them (_MISSING where not)."""
+    if not args and len(kwargs) == 3:  # the convention's own call: all by name
+        return kwargs.get("seq_len", _MISSING), kwargs.get("device", _MISSING), kwargs.get("dtype", _MISSING)
     if not kwargs and len(args) == 3:
         return args
     values = dict(zip(PARAMETERS, args, strict=False))
@@ -220,12 +223,31 @@ class Entry:
 
 class Program:
     """A rebuild's delta (its entries), replayed from a table's columns.
-    Holds no module and no column: tables of equal frequency state can share it."""
+    Holds no module and no column: tables of equal frequency state can share it.
 
-    __slots__ = ("entries",)
+    The entries are also kept split by kind, so that a replay (once per
+    rebuild, i.e. per decode step for DeepSeek-V3) only copies and assigns.
+    """
+
+    __slots__ = ("constants", "copies", "entries", "nonpersistent", "persistent", "rows", "seq_lens")
 
     def __init__(self, entries: tuple[Entry, ...]):
         self.entries = entries
+        own = {ATTRIBUTE: False, BUFFER: True}
+        #: (in _buffers, key, column, dim)
+        self.rows = tuple((own[e.where], e.key, e.column, e.dim) for e in entries if e.kind == ROWS)
+        #: (in _buffers, key)
+        self.seq_lens = tuple((own[e.where], e.key) for e in entries if e.kind == SEQ_LEN)
+        #: (in _buffers, key, tensor): copied per replay, as the rebuild makes a new one
+        self.copies = tuple(
+            (own[e.where], e.key, e.value) for e in entries if e.kind == CONSTANT and isinstance(e.value, _Tensor)
+        )
+        #: (in _buffers, key, value): immutable values
+        self.constants = tuple(
+            (own[e.where], e.key, e.value) for e in entries if e.kind == CONSTANT and not isinstance(e.value, _Tensor)
+        )
+        self.persistent = frozenset(e.key for e in entries if e.where == BUFFER and e.persistent)
+        self.nonpersistent = frozenset(e.key for e in entries if e.where == BUFFER and not e.persistent)
 
     def values(self, columns, seq_len: int) -> dict:
         """``(where, key) -> value`` the rebuild writes for ``seq_len``: fresh tensors."""
@@ -234,29 +256,31 @@ class Program:
             if entry.kind == SEQ_LEN:
                 value = seq_len
             elif entry.kind == ROWS:
-                value = columns[entry.column].narrow(entry.dim, 0, seq_len).clone(memory_format=torch.contiguous_format)
+                value = columns[entry.column].narrow(entry.dim, 0, seq_len).clone(memory_format=_CONTIGUOUS)
             elif isinstance(entry.value, _Tensor):
-                value = entry.value.clone(memory_format=torch.contiguous_format)
+                value = entry.value.clone(memory_format=_CONTIGUOUS)
             else:
                 value = entry.value
             out[(entry.where, entry.key)] = value
         return out
 
     def replay(self, module, columns, seq_len: int) -> None:
-        """Write what the rebuild writes for ``seq_len`` into ``module``."""
-        state = vars(module)
-        buffers, nonpersistent = state["_buffers"], state["_non_persistent_buffers_set"]
-        for (where, key), value in self.values(columns, seq_len).items():
-            if where == ATTRIBUTE:
-                state[key] = value
-            else:
-                buffers[key] = value
-        for entry in self.entries:
-            if entry.where == BUFFER:
-                if entry.persistent:
-                    nonpersistent.discard(entry.key)
-                else:
-                    nonpersistent.add(entry.key)
+        """Write what the rebuild writes for ``seq_len`` into ``module``
+        (what :meth:`values` gives, without building it)."""
+        state = module.__dict__
+        containers = (state, state["_buffers"])
+        for in_buffers, key, column, dim in self.rows:
+            containers[in_buffers][key] = columns[column].narrow(dim, 0, seq_len).clone(memory_format=_CONTIGUOUS)
+        for in_buffers, key in self.seq_lens:
+            containers[in_buffers][key] = seq_len
+        for in_buffers, key, value in self.copies:
+            containers[in_buffers][key] = value.clone(memory_format=_CONTIGUOUS)
+        for in_buffers, key, value in self.constants:
+            containers[in_buffers][key] = value
+        if self.persistent or self.nonpersistent:
+            names = state["_non_persistent_buffers_set"]
+            names.difference_update(self.persistent)
+            names.update(self.nonpersistent)
 
 
 class RebuildForm:
