@@ -154,6 +154,7 @@ def max_position_embeddings(module) -> int | None:
         (config, "max_position_embeddings"),
         (module, "original_max_seq_len"),
         (module, "max_positions"),
+        (module, "max_position_embeddings"),  # remote code's rotaries keep their own (DeepSeek-V3: 163840)
     ):
         value = getattr(source, name, None) if source is not None else None
         if isinstance(value, int) and value > 0:
