@@ -335,9 +335,12 @@ class _Snapshot:
             for key in set(current) - set(saved):
                 del current[key]
             current.update(saved)
-        if state["_parameters"] != self.parameters:
-            state["_parameters"].clear()
-            state["_parameters"].update(self.parameters)
+        parameters = state["_parameters"]
+        if parameters.keys() != self.parameters.keys() or any(
+            parameters[k] is not v for k, v in self.parameters.items()
+        ):
+            parameters.clear()
+            parameters.update(self.parameters)
         nonpersistent = state["_non_persistent_buffers_set"]
         if nonpersistent != self.nonpersistent:
             nonpersistent.clear()
@@ -580,7 +583,9 @@ def _build(state, module, original, device, dtype, needed: int, args, kwargs):
     table = shared.adopt(module, shared.REBUILD, key, needed, state.cap, _sharing_table(module, device))
     if table is not None:
         return table
-    size = table_size(needed, state.cap, state.presize)
+    # Not pre-sized in sync-free mode: a rebuild's seq_len is a host int, there
+    # is no bound to check on the device.
+    size = table_size(needed, state.cap, None)
 
     def attempt(n):
         table = build(module, original, device, dtype, n)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import threading
 import weakref
 
-from rope_patch.cache.table import NotCacheable
 from rope_patch.cache.watch import Watch
 
 ATTRIBUTE, BUFFER, PARAMETER, CONFIG = "attribute", "buffer", "parameter", "config"
@@ -116,8 +115,8 @@ def adopt(module, kind: str, key, needed: int, limit: int, make):
 
     Args:
         make: ``make(group, watch)``: the module's own table from the
-            group's columns and its own Watch; may raise NotCacheable (the
-            module's forward disagrees with the columns: not adopted).
+            group's columns and its own Watch; may raise (the module's
+            forward disagrees with the columns, or refuses a probe: not adopted).
     """
     with _lock:
         candidates = [ref() for ref in _groups.get((kind, type(module), key), ())]
@@ -131,7 +130,7 @@ def adopt(module, kind: str, key, needed: int, limit: int, make):
             continue
         try:
             table = make(group, watch)
-        except NotCacheable:
+        except Exception:  # noqa: BLE001 - NotCacheable, or the module's forward refusing a probe: not adopted
             continue
         table.shared = group
         group.tables.add(table)
