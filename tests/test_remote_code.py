@@ -1,11 +1,17 @@
 """Remote code (``trust_remote_code=True``): rotary classes in the modules
 transformers loads as ``transformers_modules.*`` get the same treatment,
-offline. A model folder is written here: a config with ``auto_map`` and a
+offline. Every model runs in a child process: HF_MODULES_CACHE must be set
+before transformers is imported.
+
+First a minimal folder written here: a config with ``auto_map`` and a
 modeling file with two rotaries, a Llama-like one (``forward(x,
-position_ids)``: cached) and one of the ``cos_cached`` era (``forward(x,
-seq_len)`` slicing its own cache: listed as fallback, with the reason).
-Runs in a child process: HF_MODULES_CACHE must be set before transformers
-is imported."""
+position_ids)``: cached) and one of the ``cos_cached`` era whose rebuild
+takes only ``seq_len`` (slices its own cache: listed as fallback, with the
+reason). Then folders in the styles public repositories use
+(tests/remote_models.py: InternVL2's sibling module, Phi-3's seq_len-passing
+attention, DeepSeek-V3's per-call cache rebuild, InternLM2.5's per-layer
+dynamic NTK rotaries): generation, state, status(), cache_info and
+``rope-patch check`` asserted exactly."""
 
 from __future__ import annotations
 
