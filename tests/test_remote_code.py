@@ -22,6 +22,7 @@ import textwrap
 
 import pytest
 
+from rope_patch.cache.build import OWN_BUFFER
 from rope_patch.cache.engine import SEQ_LEN_READ
 from rope_patch.cache.rebuild import METHOD, OWN_CACHE
 from tests.conftest import subprocess_env
@@ -172,13 +173,18 @@ print(json.dumps({
 """
 
 
-def test_remote_code_rotaries_are_patched_offline(tmp_path):
+def write_toy_folder(tmp_path):
     folder = tmp_path / "toy_model"
     folder.mkdir()
     (folder / "configuration_toy.py").write_text(CONFIGURATION)
     (folder / "modeling_toy.py").write_text(MODELING)
     auto_map = {"AutoConfig": "configuration_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"}
     (folder / "config.json").write_text(json.dumps({"model_type": "ropetoy", "auto_map": auto_map}))
+    return folder
+
+
+def test_remote_code_rotaries_are_patched_offline(tmp_path):
+    folder = write_toy_folder(tmp_path)
     child = subprocess.run(  # the return code is checked below
         [sys.executable, "-c", textwrap.dedent(CHILD), str(folder)],
         check=False,
@@ -194,8 +200,9 @@ def test_remote_code_rotaries_are_patched_offline(tmp_path):
     assert report["status"]["ToyRotaryEmbedding"][:2] == ["cached", ""]
     assert report["status"]["ToyRotaryEmbedding"][2] == "toy"  # the model type: the modeling file's name
     status, reason, _ = report["status"]["ToyCachedRotaryEmbedding"]
-    assert status == "fallback" and "own cache (cos_cached)" in reason, reason
-    assert report["answered"] and "own cache" in report["fallback"]
+    # The reason is the same as for the gathered copies of another dtype (rope-patch check's bfloat16)
+    assert status == "fallback" and reason == OWN_BUFFER.format("cos_cached, sin_cached"), reason
+    assert report["answered"] and report["fallback"] == reason
 
 
 # --------------------------------------------------------------------------
@@ -408,8 +415,8 @@ def test_per_layer_dynamic_ntk_rotaries_share_one_table_and_say_where_they_stop(
 def run_check(tmp_path, style, *options, **config):
     """``rope-patch check FOLDER --trust-remote-code --no-timing --json`` in
     a child process (HF_MODULES_CACHE must be set before transformers is
-    imported); its report."""
-    folder = write_model_folder(tmp_path / "model", style, **config)
+    imported) on a ``style`` folder (or the toy one); its report."""
+    folder = write_toy_folder(tmp_path) if style == "toy" else write_model_folder(tmp_path / "model", style, **config)
     child = subprocess.run(  # the return code is checked below
         [
             sys.executable,
@@ -487,3 +494,14 @@ def test_check_on_phi3_says_which_calls_are_computed_unpatched(tmp_path):
         "LegacyRotaryEmbedding": ("cached", "", [SEQ_LEN_READ]),
     }
     assert all(row["identical"] for row in rows.values())
+
+
+def test_check_gives_the_runtimes_reason_in_another_dtype(tmp_path):
+    """The toy's cos_cached-era rotary in bfloat16 (check's default) returns
+    gathered copies, not views of its cache as in the runtime's float32:
+    the same reason either way (it was "already answers from its own cache"
+    at run time, "only gathers rows of its precomputed cos_cached" in check)."""
+    rows = rows_of(run_check(tmp_path, "toy"))
+    assert rows["ToyRotaryEmbedding"]["status"] == "cached"
+    cached = rows["ToyCachedRotaryEmbedding"]
+    assert (cached["status"], cached["reason"]) == ("fallback", OWN_BUFFER.format("cos_cached, sin_cached"))

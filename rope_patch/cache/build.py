@@ -24,6 +24,11 @@ MOVES = frozenset(
     }
 )  # fmt: skip
 GATHERS = frozenset({"__getitem__", "embedding", "index_select", "gather", "take"})
+#: Why a forward that serves its outputs from its own precomputed buffer is
+#: left alone, whether it returns views of it (its dtype) or gathered copies
+#: (another dtype): one reason for both, so that the runtime and
+#: ``rope-patch check`` (which may call it in another dtype) say the same.
+OWN_BUFFER = "the forward only gathers rows of its precomputed {}: nothing to gain"
 
 
 class StateChanged(NotCacheable):
@@ -104,10 +109,10 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     container, outputs = split_outputs(out)
     own = _own_cache(module, outputs)
     if own is not None:
-        raise NotCacheable(f"the forward already answers from its own cache ({own}): nothing to gain")
+        raise NotCacheable(OWN_BUFFER.format(own))
     if ops.names & GATHERS and ops.names <= MOVES:
         read = ", ".join(sorted(entry[1] for entry in (*watch.tensors, *watch.inference))) or "buffer"
-        raise NotCacheable(f"the forward only gathers rows of its precomputed {read}: nothing to gain")
+        raise NotCacheable(OWN_BUFFER.format(read))
     columns = form_class.columns_of(outputs, size, device)
     return table_from(module, forward, x, extra, columns, container, size, watch, bound_check, form_class, axes)
 
@@ -143,18 +148,15 @@ def split_outputs(out):
 
 
 def _own_cache(module, outputs) -> str | None:
-    """The name of a module tensor an output is a view of (a forward that
-    slices its own ``cos_cached``), or None."""
+    """The names of the module tensors outputs are views of (a forward that
+    slices its own ``cos_cached``), ", "-joined, or None."""
     storages = {}
     for name, value in {**vars(module), **module._buffers}.items():
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
             storages[value.untyped_storage().data_ptr()] = name
-    for tensor in outputs:
-        if tensor.device.type != "meta":
-            name = storages.get(tensor.untyped_storage().data_ptr())
-            if name is not None:
-                return name
-    return None
+    names = {storages.get(tensor.untyped_storage().data_ptr()) for tensor in outputs if tensor.device.type != "meta"}
+    names.discard(None)
+    return ", ".join(sorted(names)) if names else None
 
 
 def _snapshot(module) -> tuple[dict, ...]:
