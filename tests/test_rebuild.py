@@ -245,3 +245,38 @@ def test_per_layer_rotaries_of_equal_state_share_columns_and_keep_their_own_watc
     assert_identical(PerLayerRotaryEmbedding.forward.__wrapped__(layers[1], x, positions), layers[1](x, positions))
     assert next(iter(engine.state_of(layers[1]).tables.values())).columns is not columns
     assert [rope_patch.cache_info(layer).tables[0].shared_by for layer in layers[:4]] == [3, 1, 3, 3]
+
+
+class BaichuanRotaryEmbedding(nn.Module):
+    """Baichuan2-7B's: a cache built in __init__, rebuilt inline by the
+    forward (no _set_cos_sin_cache) when a call passes it."""
+
+    def __init__(self, dim, max_position_embeddings=32):
+        super().__init__()
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.max_seq_len_cached = max_position_embeddings
+        freqs = torch.outer(torch.arange(max_position_embeddings, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_cached, self.sin_cached = emb.cos()[None, None], emb.sin()[None, None]
+
+    def forward(self, x, seq_len=None):
+        if seq_len > self.max_seq_len_cached:
+            self.max_seq_len_cached = seq_len
+            freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos_cached, self.sin_cached = emb.cos()[None, None], emb.sin()[None, None]
+        return self.cos_cached[:, :, :seq_len, ...], self.sin_cached[:, :, :seq_len, ...]
+
+
+def test_an_inline_rebuild_gets_a_true_reason(patched):
+    """No rebuild method to answer: tables would have to be built from a
+    forward that grows its own cache past it, and only slices it below."""
+    rope_patch.patch_class(BaichuanRotaryEmbedding)
+    module, twin = BaichuanRotaryEmbedding(16), BaichuanRotaryEmbedding(16)
+    same_calls(module, twin, [5, 6, 40, 41, 3])
+    reason = rope_patch.cache_info(module).fallback
+    assert reason == (
+        "the forward changes the module's own state when called with seq_len=64 (cos_cached, max_seq_len_cached, "
+        "sin_cached); with fewer positions, the forward only gathers rows of its precomputed cos_cached, "
+        "sin_cached: nothing to gain"
+    ), reason

@@ -404,7 +404,10 @@ def _build(state: ModuleState, call: _Call, needed: int, adopt=None):
         if table is not None:
             cap(state, table.size, above or problem)
             return table if table.size >= needed else None
-        problem = f"the forward changes the module's own state on every call ({problem.names})"
+        if isinstance(above, StateChanged):
+            problem = f"the forward changes the module's own state on every call ({problem.names})"
+        elif above is not None:  # fewer positions leave the state alone, but fail otherwise
+            problem = f"{problem}; with fewer positions, {above}"
     elif size > needed:
         # A forward whose own range ends before the rounded-up size (a
         # fixed-size buffer it indexes) gets a table of exactly ``needed``
