@@ -44,8 +44,16 @@ class RotaryClass:
         convention: POSITIONS or PREFIX (None when unsupported).
         extra: the forward's parameter after position_ids: ``"layer_type"``
             (part of the table key), ``"seq_len"`` (ignored by such forwards
-            in transformers 4.x; only calls without it are answered), or None.
+            in transformers 4.x; calls passing it are answered only when
+            ``unread_seq_len``), or None.
         unsupported: why the forward cannot be cached, or None.
+        unread_seq_len: the forward provably never reads its ``seq_len``
+            parameter (rope_patch.unread): calls passing one are answered
+            like calls that do not (Phi-3's remote code passes it always).
+        rebuild: the name of the method that rebuilds the class's own cache
+            (``_set_cos_sin_cache``) when the class follows that convention
+            (rope_patch.cache.rebuild): the rebuild is answered from
+            tables, the forward runs as it is.
     """
 
     cls: type
@@ -54,6 +62,8 @@ class RotaryClass:
     convention: str | None
     extra: str | None
     unsupported: str | None
+    unread_seq_len: bool = False
+    rebuild: str | None = None
 
     @property
     def name(self) -> str:
@@ -175,8 +185,12 @@ def describe(cls: type) -> RotaryClass:
     """Classify ``cls`` by its forward's signature. A vision rotary whose
     signature no table can answer gets VISION_REASON (the reason that
     matters); one that takes per-position ids is patched like any other."""
+    from rope_patch.cache.rebuild import rebuild_method  # torch is imported: cls is a Module
+    from rope_patch.unread import never_read
+
     forward = cls.__dict__.get("forward")
-    convention, extra, unsupported = _signature_shape(getattr(cls, "forward", None))
+    resolved = getattr(cls, "forward", None)
+    convention, extra, unsupported = _signature_shape(resolved)
     if unsupported and is_vision(cls):
         unsupported = VISION_REASON
     return RotaryClass(
@@ -186,6 +200,8 @@ def describe(cls: type) -> RotaryClass:
         convention=convention,
         extra=extra,
         unsupported=unsupported,
+        unread_seq_len=extra == "seq_len" and never_read(resolved, "seq_len"),
+        rebuild=rebuild_method(cls) if convention == PREFIX else None,
     )
 
 

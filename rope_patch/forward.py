@@ -17,7 +17,8 @@ import torch
 
 from rope_patch import discovery
 from rope_patch.cache import call as slow_call
-from rope_patch.cache import rule, states
+from rope_patch.cache import hand_over, rule, states
+from rope_patch.cache.engine import SEQ_LEN_READ
 from rope_patch.cache.fast import answer_for
 
 _Tensor = torch.Tensor
@@ -48,12 +49,16 @@ def make_forward(original, rotary: discovery.RotaryClass):
         The replacement function, with ``__wrapped__`` and MARKER set to
         ``original``.
     """
+    if rotary.rebuild is not None:  # its own cache rebuild is answered, not the forward
+        from rope_patch.cache import rebuild
+
+        return rebuild.make_forward(original)
     if rotary.convention == discovery.PREFIX:
         return _prefix_forward(original)
-    return _positions_forward(original, rotary.extra)
+    return _positions_forward(original, rotary.extra, rotary.unread_seq_len)
 
 
-def _positions_forward(original, extra_parameter):
+def _positions_forward(original, extra_parameter, unread_seq_len=False):
     retired = []  # non-empty once unpatch() left us beneath another wrapper
     keyed = extra_parameter == "layer_type"
 
@@ -79,7 +84,7 @@ def _positions_forward(original, extra_parameter):
         ):
             state = _states_get(id(self))
             if state is not None:
-                if not args:
+                if not args or (unread_seq_len and len(args) == 1):
                     answer = state.answer
                 elif keyed and len(args) == 1:
                     answer = state.answers.get(args[0])
@@ -107,7 +112,8 @@ def _positions_forward(original, extra_parameter):
             value = args[0] if args else kwargs.get(extra_parameter, _MISSING)
             if extra_parameter is None or len(args) + len(kwargs) != 1 or value is _MISSING:
                 return original(self, x, position_ids, *args, **kwargs)  # let the original judge them
-            if not keyed and value is not None:  # seq_len: answered only when not given
+            if not keyed and value is not None and not unread_seq_len:  # seq_len the forward may read
+                hand_over(self, SEQ_LEN_READ)
                 return original(self, x, position_ids, *args, **kwargs)
             layer_type = value if keyed else None
             extra = (value,)
@@ -127,7 +133,7 @@ def _positions_forward(original, extra_parameter):
                     except (IndexError, RuntimeError):
                         pass  # outside the table on CPU: the slow path grows it
                     else:
-                        _remember(state, table, form, x.dtype, layer_type, extra)
+                        _remember(state, table, form, x.dtype, layer_type)
                         return out
                 elif table.forms.get(position_ids.dim(), _MISSING) is None:  # a layout it never answers
                     return original(self, x, position_ids, *extra)
@@ -136,16 +142,15 @@ def _positions_forward(original, extra_parameter):
     return _mark(forward, original, retired)
 
 
-def _remember(state, table, form, dtype, layer_type, extra: tuple) -> None:
+def _remember(state, table, form, dtype, layer_type) -> None:
     """Make ``table``'s compiled answer of ``form`` the one the hot path
-    tries first for this module's calls with ``extra`` (those it looks up
-    by: none, or one layer type)."""
+    tries first for this module's calls of ``layer_type``."""
     if form.dims == 0:
         return
     answer = answer_for(table, form, dtype)
-    if not extra:
+    if layer_type is None:
         state.answer = answer
-    elif extra[0] is layer_type and layer_type is not None:
+    else:
         state.answers[layer_type] = answer
 
 

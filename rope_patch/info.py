@@ -14,12 +14,19 @@ class TableInfo:
         dtype: the dtype of the calls it answers.
         layer_type: the ``layer_type`` argument it answers (None for forwards without one).
         positions: positions covered, ``0 .. positions - 1``.
-        bytes: memory held, every form included.
+        bytes: memory held, every form included; columns shared with
+            other modules' tables (per-layer rotaries of equal frequency
+            state, ``shared_by > 1``) count ``1/shared_by`` here, so that
+            the sum over a model's modules is the memory held (rounded down).
         forms: the position_ids layouts it answers, each verified against the
             unpatched forward on its first real call: ``"2-D"`` (batch, seq),
             ``"3-D"`` (axes, batch, seq) with the axes kept apart, ``"M-RoPE"``
             (axes, batch, seq) recomposed or as the model's only form,
-            ``"seq_len"`` (``forward(x, seq_len)``: the first rows).
+            ``"seq_len"`` (``forward(x, seq_len)``: the first rows),
+            ``"rebuild"`` (the module's own cache rebuild,
+            ``_set_cos_sin_cache``, replayed from the table).
+        shared_by: how many modules' tables answer from these columns (1:
+            its own).
     """
 
     device: object
@@ -28,6 +35,7 @@ class TableInfo:
     positions: int
     bytes: int
     forms: tuple[str, ...]
+    shared_by: int = 1
 
     @property
     def verified(self) -> bool:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from typing import ClassVar
 
 import wrapt
@@ -34,13 +35,16 @@ class _Registry:
     are ``rope_patch.settings.active`` (None: not patched)."""
 
     lock: ClassVar[threading.RLock] = threading.RLock()
-    #: class -> (its ``__dict__["forward"]`` before we touched it or
-    #: _MISSING, the function we installed)
-    installed: ClassVar[dict[type, tuple[object, object]]] = {}
+    #: (class, attribute) -> (its ``__dict__[attribute]`` before we touched
+    #: it or _MISSING, the function we installed): ``forward``, and the
+    #: cache rebuild of classes that have one (rope_patch.cache.rebuild)
+    installed: ClassVar[dict[tuple[type, str], tuple[object, object]]] = {}
     #: class -> ClassStatus, for every class a hook has seen while patched
     seen: ClassVar[dict[type, ClassStatus]] = {}
     #: module names with a wrapt hook registered (hooks cannot be removed)
     hooked: ClassVar[set[str]] = set()
+    #: remote-code modules (``transformers_modules.*``) scanned while patched
+    remote_scanned: ClassVar[weakref.WeakSet] = weakref.WeakSet()
 
 
 def _fresh_lock_in_child() -> None:
@@ -105,9 +109,7 @@ def patch(
             wrapt.register_post_import_hook(_on_import, name)
     # Remote code (trust_remote_code=True): transformers loads it as
     # transformers_modules.* through dynamic_module_utils.get_class_in_module.
-    for name, module in list(sys.modules.items()):
-        if name.startswith(discovery.REMOTE_PACKAGE + ".") and module is not None:
-            _on_import(module)
+    _scan_remote_modules()
     if _REMOTE_LOADER not in _Registry.hooked:
         _Registry.hooked.add(_REMOTE_LOADER)
         wrapt.register_post_import_hook(_hook_remote_code, _REMOTE_LOADER)
@@ -129,10 +131,31 @@ def _hook_remote_code(loader_module) -> None:
 
 def _after_remote_class_loaded(wrapped, instance, args, kwargs):
     cls = wrapped(*args, **kwargs)
-    module = sys.modules.get(getattr(cls, "__module__", ""))
-    if module is not None and settings_module.active is not None:
-        _on_import(module)
+    if settings_module.active is not None:
+        _scan_remote_modules()
     return cls
+
+
+def _scan_remote_modules() -> None:
+    """Patch the rotary classes of every remote-code module imported and not
+    scanned yet: the module ``get_class_in_module`` returned, and the
+    sibling modules it imported while it ran (an InternVL2-style
+    ``modeling_internvl_chat`` imports ``.modeling_internlm2``, whose rotary
+    the returned class never names). Module objects are remembered, so a
+    scan costs one pass over ``sys.modules``; a reloaded module is a new
+    object and is scanned again. Never raises (``_on_import`` logs)."""
+    prefix = discovery.REMOTE_PACKAGE + "."
+    with _Registry.lock:
+        for name, module in list(sys.modules.items()):
+            if module is None or not name.startswith(prefix):
+                continue
+            try:
+                if module in _Registry.remote_scanned:
+                    continue
+                _Registry.remote_scanned.add(module)
+            except TypeError:  # unhashable or not weak-referenceable (a stand-in in sys.modules): scan each time
+                pass
+            _on_import(module)
 
 
 def unpatch() -> bool:
@@ -147,28 +170,29 @@ def unpatch() -> bool:
         if not is_patched():
             logger.warning("rope_patch: not patched; unpatch() ignored")
             return False
-        for cls, (previous, ours) in _Registry.installed.items():
-            _uninstall(cls, previous, ours)
+        for (cls, name), (previous, ours) in _Registry.installed.items():
+            _uninstall(cls, previous, ours, name)
         _Registry.installed.clear()
         _Registry.seen.clear()
+        _Registry.remote_scanned.clear()
         settings_module.active = None
         if "rope_patch.cache" in sys.modules:  # else no table was ever built
             sys.modules["rope_patch.cache"].forget_all()
     return True
 
 
-def _uninstall(cls: type, previous, ours) -> None:
-    """Put ``previous`` back as ``cls.forward``; when another wrapper was
+def _uninstall(cls: type, previous, ours, name: str = "forward") -> None:
+    """Put ``previous`` back as ``cls.<name>``; when another wrapper was
     applied on top of ``ours`` since, rewire it onto the original instead."""
     from rope_patch import forward
 
-    current = cls.__dict__.get("forward", _MISSING)
+    current = cls.__dict__.get(name, _MISSING)
     if current is ours or current is _MISSING:
         if previous is _MISSING:
             if current is not _MISSING:
-                delattr(cls, "forward")
+                delattr(cls, name)
         else:
-            cls.forward = previous
+            setattr(cls, name, previous)
         return
     link = current
     for _ in range(8):  # find the wrapper whose __wrapped__ is ours
@@ -186,9 +210,10 @@ def _uninstall(cls: type, previous, ours) -> None:
     # retired, ours now runs the original on every call.
     forward.retire(ours)
     logger.warning(
-        "rope_patch: %s.forward was wrapped after rope_patch by something that cannot be rewired; "
-        "it stays, and calls the original through rope_patch's retired forward",
+        "rope_patch: %s.%s was wrapped after rope_patch by something that cannot be rewired; "
+        "it stays, and calls the original through rope_patch's retired replacement",
         cls.__name__,
+        name,
     )
 
 
@@ -205,10 +230,14 @@ def status() -> list[ClassStatus]:
     """What patching did with every class seen so far, run-time fallbacks included."""
     with _Registry.lock:
         rows = list(_Registry.seen.values())
-    fallbacks = sys.modules["rope_patch.cache"].fallback_reasons() if "rope_patch.cache" in sys.modules else {}
+    cache = sys.modules.get("rope_patch.cache")
+    fallbacks = cache.fallback_reasons() if cache is not None else {}
+    # A class none of whose calls was answered, every one handed to the
+    # original for a reason of the class, is a fallback with that reason.
+    handed = cache.handed_reasons() if cache is not None else {}
     out = []
     for row in rows:
-        reason = fallbacks.get(row.rotary.cls)
+        reason = fallbacks.get(row.rotary.cls) or handed.get(row.rotary.cls)
         fell_back = reason and row.status == Status.CACHED
         out.append(dataclasses.replace(row, status=Status.FALLBACK, reason=reason) if fell_back else row)
     return sorted(out, key=lambda r: (r.rotary.module, r.rotary.name))
@@ -268,6 +297,8 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
         if forward.original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
             _install(cls, forward.make_forward(original, rotary))
+        if rotary.rebuild is not None:
+            _install_rebuild(cls, rotary.rebuild)
     elif forward.original_of(resolved) is not None:
         # Excluded or unsupported, but inheriting a wrapped forward: pin the
         # original so this class stays untouched.
@@ -275,10 +306,21 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
     _Registry.seen[cls] = decision
 
 
-def _install(cls: type, function) -> None:
-    previous = _Registry.installed.get(cls, (cls.__dict__.get("forward", _MISSING), None))[0]
-    _Registry.installed[cls] = (previous, function)
-    cls.forward = function
+def _install_rebuild(cls: type, name: str) -> None:
+    """Replace the cache rebuild ``cls.<name>`` (rope_patch.cache.rebuild),
+    own or inherited from a class nobody patched, like a forward."""
+    from rope_patch import forward
+    from rope_patch.cache import rebuild
+
+    resolved = getattr(cls, name)
+    if forward.original_of(resolved) is None:
+        _install(cls, rebuild.make_method(resolved), name)
+
+
+def _install(cls: type, function, name: str = "forward") -> None:
+    previous = _Registry.installed.get((cls, name), (cls.__dict__.get(name, _MISSING), None))[0]
+    _Registry.installed[(cls, name)] = (previous, function)
+    setattr(cls, name, function)
 
 
 _warned_messages: set[str] = set()

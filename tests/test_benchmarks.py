@@ -57,3 +57,23 @@ def patched():
     assert rope_patch.patch()
     yield
     rope_patch.unpatch()
+
+
+def test_bench_remote_runs_its_checks(tmp_path):
+    """In a child (remote code needs HF_MODULES_CACHE before transformers is
+    imported): --quick runs every part, with its identity checks."""
+    import subprocess
+
+    from tests.conftest import subprocess_env
+
+    script = os.path.join(BENCHMARKS, "bench_remote.py")
+    result = subprocess.run(  # the return code is checked below
+        [sys.executable, script, "--quick"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ms/step" in result.stdout and "shared by [2]" in result.stdout

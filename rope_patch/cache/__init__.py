@@ -15,13 +15,22 @@ Layout:
 
 The public boundary is this module: :func:`call` (the slow path), the fast
 path's two reads (:data:`states`, :mod:`rule`), :func:`cache_info`,
-:func:`forget_all`, :func:`fallback_reasons`.
+:func:`forget_all`, :func:`fallback_reasons`, :func:`handed_reasons`.
 """
 
 from __future__ import annotations
 
 from rope_patch.cache import rule
-from rope_patch.cache.engine import call, forget_all, observed_fallbacks, state_of, states
+from rope_patch.cache.engine import (
+    answered_classes,
+    call,
+    forget_all,
+    hand_over,
+    observed_fallbacks,
+    observed_handed,
+    state_of,
+    states,
+)
 from rope_patch.info import CacheInfo, TableInfo
 
 
@@ -33,15 +42,36 @@ def cache_info(module) -> CacheInfo:
     with state.lock:
         items = list(state.tables.items()) + list(state.spares.items())
         fallback = state.fallback
-        unpatched = tuple(sorted(set(state.never.values())))
+        unpatched = tuple(sorted(set(state.never.values()) | set(state.handed)))
     rows = []
     for (device, dtype, layer_type), table in items:
         forms = tuple(_form_name(table, form) for _, form in sorted(table.forms.items()) if form and form.verified)
-        rows.append(TableInfo(device, dtype, layer_type, table.size, table.nbytes(), forms))
+        # Shared columns count 1/k in each of the k tables answering from them.
+        sharers = _sharers(table)
+        columns = sum(column.numel() * column.element_size() for column in table.columns)
+        held = table.nbytes() - columns + columns // sharers
+        rows.append(TableInfo(device, dtype, layer_type, table.size, held, forms, sharers))
     return CacheInfo(tables=tuple(rows), fallback=fallback, unpatched=unpatched)
 
 
+def _sharers(table) -> int:
+    """How many modules' current tables answer from ``table``'s columns
+    (tables replaced but not yet collected, forms and tables refer to each
+    other, do not count)."""
+    if table.shared is None:
+        return 1
+    count = 0
+    for other in list(table.shared.tables):
+        state = states.get(other.owner)
+        if state is not None and any(held is other for held in (*state.tables.values(), *state.spares.values())):
+            count += 1
+    return max(count, 1)
+
+
 def _form_name(table, form) -> str:
+    name = getattr(form, "name", None)
+    if name:  # a form that names itself (rope_patch.cache.rebuild)
+        return name
     if form.dims == 0:
         return "seq_len"
     if form.dims == 2:
@@ -55,4 +85,23 @@ def fallback_reasons() -> dict[type, str]:
     return dict(observed_fallbacks)
 
 
-__all__ = ["cache_info", "call", "fallback_reasons", "forget_all", "rule", "state_of", "states"]
+def handed_reasons() -> dict[type, str]:
+    """class -> why its calls were computed unpatched for a reason of the
+    class (every reason seen, sorted and "; "-joined, as outcome() joins a
+    module's), for classes none of whose calls was answered from a table
+    so far."""
+    handed = list(observed_handed.items())
+    return {cls: "; ".join(sorted(reasons)) for cls, reasons in handed if cls not in answered_classes}
+
+
+__all__ = [
+    "cache_info",
+    "call",
+    "fallback_reasons",
+    "forget_all",
+    "hand_over",
+    "handed_reasons",
+    "rule",
+    "state_of",
+    "states",
+]

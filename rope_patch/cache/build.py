@@ -24,6 +24,25 @@ MOVES = frozenset(
     }
 )  # fmt: skip
 GATHERS = frozenset({"__getitem__", "embedding", "index_select", "gather", "take"})
+#: Why a forward that serves its outputs from its own precomputed buffer is
+#: left alone, whether it returns views of it (its dtype) or gathered copies
+#: (another dtype): one reason for both, so that the runtime and
+#: ``rope-patch check`` (which may call it in another dtype) say the same.
+OWN_BUFFER = "the forward only gathers rows of its precomputed {}: nothing to gain"
+
+
+class StateChanged(NotCacheable):
+    """The build call replaced, added or removed module state (put back):
+    a forward that initialises state on first use, or changes it past some
+    positions (dynamic NTK in its own code).
+
+    Attributes:
+        names: the entries it changed, comma-separated.
+    """
+
+    def __init__(self, message: str, names: str):
+        super().__init__(message)
+        self.names = names
 
 
 class _Ops(torch.overrides.TorchFunctionMode):
@@ -81,7 +100,8 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     finally:
         changed = _restore(module, before)
     if changed:
-        raise NotCacheable(f"the forward changes the module's own state when called ({', '.join(changed)})")
+        shown, names = f"seq_len={size}" if prefix else f"positions 0..{size - 1}", ", ".join(changed)
+        raise StateChanged(f"the forward changes the module's own state when called with {shown} ({names})", names)
     try:
         watch = recorder.watch()
     except Unwatchable as error:
@@ -89,18 +109,26 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     container, outputs = split_outputs(out)
     own = _own_cache(module, outputs)
     if own is not None:
-        raise NotCacheable(f"the forward already answers from its own cache ({own}): nothing to gain")
+        raise NotCacheable(OWN_BUFFER.format(own))
     if ops.names & GATHERS and ops.names <= MOVES:
         read = ", ".join(sorted(entry[1] for entry in (*watch.tensors, *watch.inference))) or "buffer"
-        raise NotCacheable(f"the forward only gathers rows of its precomputed {read}: nothing to gain")
+        raise NotCacheable(OWN_BUFFER.format(read))
     columns = form_class.columns_of(outputs, size, device)
-    table = Table(columns, container, size, device, watch, bound_check)
+    return table_from(module, forward, x, extra, columns, container, size, watch, bound_check, form_class, axes)
+
+
+def table_from(module, forward, x, extra, columns, container, size, watch, bound_check, form_class, axes=0) -> Table:
+    """The table of ``module`` answering from ``columns`` (built from its
+    forward, or shared with a module of equal frequency state), its form
+    probed against the module's own forward (none for ``axes``: learnt on
+    first need). Raises NotCacheable as :func:`build_table`."""
+    table = Table(columns, container, size, x.device, watch, bound_check)
     table.owner = id(module)  # not the module: tables must not keep it alive
     if not axes:
         form = form_class(table, forward, extra)
         form.probe(module, x)
         table.forms[form.dims] = form
-    with exact_numerics(device.type):
+    with exact_numerics(x.device.type):
         if not watch.holds():
             # Calling it again touched what it reads: only equal values keep
             # the table (longrope's update copies the same set in place).
@@ -120,18 +148,15 @@ def split_outputs(out):
 
 
 def _own_cache(module, outputs) -> str | None:
-    """The name of a module tensor an output is a view of (a forward that
-    slices its own ``cos_cached``), or None."""
+    """The names of the module tensors outputs are views of (a forward that
+    slices its own ``cos_cached``), ", "-joined, or None."""
     storages = {}
     for name, value in {**vars(module), **module._buffers}.items():
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
             storages[value.untyped_storage().data_ptr()] = name
-    for tensor in outputs:
-        if tensor.device.type != "meta":
-            name = storages.get(tensor.untyped_storage().data_ptr())
-            if name is not None:
-                return name
-    return None
+    names = {storages.get(tensor.untyped_storage().data_ptr()) for tensor in outputs if tensor.device.type != "meta"}
+    names.discard(None)
+    return ", ".join(sorted(names)) if names else None
 
 
 def _snapshot(module) -> tuple[dict, ...]:

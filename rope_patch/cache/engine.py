@@ -23,9 +23,10 @@ import threading
 import weakref
 
 from rope_patch import settings as settings_module
-from rope_patch.cache import bounds, rule
-from rope_patch.cache.build import build_table
+from rope_patch.cache import bounds, rule, shared
+from rope_patch.cache.build import StateChanged, build_table, table_from
 from rope_patch.cache.families import family_for
+from rope_patch.cache.forms import PlanarForm, PrefixForm
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
 from rope_patch.cache.table import NotCacheable, NotPerPosition, table_size
@@ -54,12 +55,29 @@ class ModuleState:
             rule itself, so an outdated one only refuses; they are dropped
             whenever tables change so that none keeps a dropped table alive.
         answers: layer type -> the same, for forwards keyed by one.
+        handed: why calls of it were computed unpatched for a reason of its
+            class, each once, in the order seen (:func:`hand_over`).
         cap: the largest table size in positions.
+        capped: why ``cap`` was lowered below the configured one (a build
+            failed past it), or None.
         presize: sync-free mode: the size tables are built at.
         lock: held while tables are built or changed.
     """
 
-    __slots__ = ("answer", "answers", "cap", "fallback", "lock", "never", "parked", "presize", "spares", "tables")
+    __slots__ = (
+        "answer",
+        "answers",
+        "cap",
+        "capped",
+        "fallback",
+        "handed",
+        "lock",
+        "never",
+        "parked",
+        "presize",
+        "spares",
+        "tables",
+    )
 
     def __init__(self, module, settings: settings_module.Settings):
         self.tables: dict = {}
@@ -70,9 +88,11 @@ class ModuleState:
         self.fallback: str | None = None
         self.answer = None
         self.answers: dict = {}
+        self.handed: dict[str, None] = {}
         max_positions = max_position_embeddings(module)
         self.cap = settings.max_positions or max(max_positions or 0, settings_module.DEFAULT_MIN_CAP)
         self.presize = min(max_positions or self.cap, self.cap) if settings.sync_free else None
+        self.capped: str | None = None
         self.lock = threading.RLock()
 
     def forget_answers(self) -> None:
@@ -87,6 +107,17 @@ _states_lock = threading.Lock()
 _warned: set[type] = set()
 #: class -> reason, for classes that fell back at run time (``status()``).
 observed_fallbacks: dict[type, str] = {}
+#: class -> why calls of it went to the unpatched forward for a reason of
+#: the class (each reason once, in the order seen): a class with no call
+#: answered from a table is reported with them (``status()``).
+observed_handed: dict[type, dict[str, None]] = {}
+#: classes some call of which was answered from a verified table.
+answered_classes: set[type] = set()
+
+#: Why a call passing ``seq_len`` to ``forward(x, position_ids, seq_len=None)``
+#: goes to the unpatched forward (Phi-3-era remote code passes it on every
+#: call; a forward that provably never reads it is answered anyway).
+SEQ_LEN_READ = "calls passing seq_len are computed unpatched: this forward reads it (tables answer calls without it)"
 
 
 def state_of(module) -> ModuleState | None:
@@ -118,10 +149,14 @@ def forget_all() -> None:
                 state.spares.clear()
                 state.never.clear()
                 state.parked.clear()
+                state.handed.clear()
                 state.fallback = None
                 state.forget_answers()
         observed_fallbacks.clear()
+        observed_handed.clear()
+        answered_classes.clear()
     bounds.forget()
+    shared.forget()
 
 
 def _after_fork_in_child() -> None:
@@ -146,6 +181,7 @@ def max_position_embeddings(module) -> int | None:
         (config, "max_position_embeddings"),
         (module, "original_max_seq_len"),
         (module, "max_positions"),
+        (module, "max_position_embeddings"),  # remote code's rotaries keep their own (DeepSeek-V3: 163840)
     ):
         value = getattr(source, name, None) if source is not None else None
         if isinstance(value, int) and value > 0:
@@ -164,6 +200,26 @@ def _disable(module, state: ModuleState, reason: str) -> None:
     if cls not in _warned:
         _warned.add(cls)
         logger.warning("rope_patch: %s is computed unpatched from now on: %s", cls.__name__, reason)
+
+
+def hand_over(module, reason: str) -> None:
+    """Record that a call of ``module`` goes to the unpatched forward for a
+    reason of its class (``status()`` and ``cache_info`` report it); once
+    per module and reason. Called only on paths that run the original."""
+    state = state_for(module)
+    if reason in state.handed:
+        return
+    with state.lock:
+        state.handed[reason] = None
+    reasons = observed_handed.setdefault(type(module), {})
+    if reason not in reasons:
+        reasons[reason] = None
+        logger.info("rope_patch: %s: %s", type(module).__name__, reason)
+
+
+def mark_answered(module) -> None:
+    """A call of ``module`` was answered from a verified table."""
+    answered_classes.add(type(module))
 
 
 # --------------------------------------------------------------------------
@@ -218,6 +274,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     family = family_for(module, original, layer_type)
     if isinstance(family, str):  # a rope type we cannot follow
         state.never[layer_type] = family
+        observed_handed.setdefault(type(module), {})[family] = None
         return original(module, x, position_ids, *extra)
     call = _Call(module, x, position_ids, extra, original)
     if family is not None:
@@ -243,13 +300,19 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
         low, high = bounds.extent(position_ids, id(module), state)
     call.limit = family.limit(module, layer_type, high, state.cap) if family else state.cap
     if low < 0 or high >= call.limit:
+        if state.capped is not None and high >= state.cap:
+            hand_over(module, state.capped)
         return call.compute()
     if table is None or high >= table.size:
         other_state = state.tables.pop(key, None) if table is None else None
         _drop_stale(state, key)
-        new = _build(state, call, high + 1)
+        new = _adopt(state, call, key, high + 1)
         if new is None:
-            return call.compute()
+            new = _build(state, call, high + 1, lambda: _adopt(state, call, key, high + 1))
+            if new is None:
+                return call.compute()
+            if new.shared is None and (2 in new.forms or 0 in new.forms):  # offered to modules of equal state
+                shared.publish(call.module, shared.FORWARD, key, new)
         if family is not None:
             new.top_from = family.top_from(module, layer_type, new.size)
             if other_state is not None and family.name == "longrope":
@@ -303,10 +366,32 @@ def _drop_stale(state: ModuleState, keep) -> None:
                 state.forget_answers()
 
 
-def _build(state: ModuleState, call: _Call, needed: int):
+def _adopt(state: ModuleState, call: _Call, key, needed: int):
+    """A table answering from the columns of another module of the class
+    whose frequency state is equal (per-layer rotaries), probed against this
+    module's forward; or None (rope_patch.cache.shared)."""
+    prefix = type(call.position_ids) is int
+    form_class = PrefixForm if prefix else PlanarForm
+    bound_check = call.x.device.type != "cpu" and state.presize is None
+
+    def make(group, watch):
+        return table_from(
+            call.module, call.forward, call.x, call.extra, group.columns, group.container, group.size, watch,
+            bound_check, form_class,
+        )  # fmt: skip
+
+    return shared.adopt(call.module, shared.FORWARD, key, needed, call.limit, make)
+
+
+def _build(state: ModuleState, call: _Call, needed: int, adopt=None):
     """A new table covering ``needed`` positions, or None (computed
     unpatched). Raises what the unpatched call raises when a failed build
-    turns out to be the call's own fault."""
+    turns out to be the call's own fault.
+
+    Args:
+        adopt: tried again after the call ran (it may have initialised the
+            module's state to that of a shared table; see :func:`_adopt`).
+    """
     x = call.x
     bound_check = x.device.type != "cpu" and state.presize is None
     prefix = type(call.position_ids) is int
@@ -329,20 +414,68 @@ def _build(state: ModuleState, call: _Call, needed: int):
         return attempt(size)
     except NotCacheable as error:
         problem = error
-    # A forward whose own range ends before the rounded-up size (a fixed-size
-    # buffer it indexes) gets a table of exactly ``needed`` positions, and the
-    # cap stops there. If the call itself raises, that exception propagates
-    # and nothing is disabled.
+    # If the call itself raises, that exception propagates and nothing is
+    # disabled.
     call.compute()
-    if size > needed:
-        state.cap = needed
+    if isinstance(problem, StateChanged):
+        # The call may have set state the forward initialises on its first
+        # call (Phi-3's inv_freq starts as None): once more, as it is now.
+        adopted = adopt() if adopt is not None else None
+        if adopted is not None:
+            return adopted
         try:
-            return attempt(needed)
+            return attempt(size)
         except NotCacheable as error:
             problem = error
+    if isinstance(problem, StateChanged):
+        # It changes its own state past some positions (dynamic NTK in its
+        # own code, InternLM2.5): tables stop below them, the rest is
+        # computed unpatched, with the reason.
+        table, above = largest_table(attempt, size - 1)
+        if table is not None:
+            cap(state, table.size, above or problem)
+            return table if table.size >= needed else None
+        if isinstance(above, StateChanged):
+            problem = f"the forward changes the module's own state on every call ({problem.names})"
+        elif above is not None:  # fewer positions leave the state alone, but fail otherwise
+            problem = f"{problem}; with fewer positions, {above}"
+    elif size > needed:
+        # A forward whose own range ends before the rounded-up size (a
+        # fixed-size buffer it indexes) gets a table of exactly ``needed``
+        # positions, and the cap stops there.
+        try:
+            table = attempt(needed)
+        except NotCacheable as error:
+            problem = error
+        else:
+            cap(state, needed, problem)
+            return table
     vision = isinstance(problem, NotPerPosition) and is_vision(type(call.module))
     _disable(call.module, state, VISION_REASON if vision else str(problem))
     return None
+
+
+def largest_table(attempt, high: int):
+    """``(table, problem)``: the table of the largest size in ``1 .. high``
+    that ``attempt(size)`` builds, found by bisection (None if none), and
+    the NotCacheable of the smallest size tried above it (None if none)."""
+    low, best, above = 0, None, None
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            best = attempt(middle)
+        except NotCacheable as error:
+            high, above = middle - 1, error
+        else:
+            low = middle
+    return best, above
+
+
+def cap(state: ModuleState, size: int, problem) -> None:
+    """Tables of ``state`` stop at ``size`` positions: a build past it failed
+    with ``problem``; calls reaching past it are computed unpatched, and say so."""
+    state.cap = size
+    state.capped = f"calls reaching position {size} or beyond are computed unpatched: {problem}"
 
 
 def _form_for(state: ModuleState, call: _Call, table):
@@ -385,4 +518,5 @@ def _verify_first_use(state: ModuleState, call: _Call, table, form):
             _disable(call.module, state, f"first call differs from the unpatched forward: {problem}")
             return expected
     form.verified = True
+    mark_answered(call.module)
     return actual if rule.answering_form(table, call.x, call.position_ids, updated=True) is form else expected

@@ -44,9 +44,12 @@ class Table:
             table to answer without the rope type's state update running
             first (longrope's long set: the original maximum; a call below it
             is the update's to switch sets).
+        shared: the rope_patch.cache.shared Group whose columns it answers
+            from (with other modules' tables of equal frequency state), or None.
     """
 
     __slots__ = (
+        "__weakref__",
         "_answers",
         "_watch",
         "bound_check",
@@ -56,6 +59,7 @@ class Table:
         "forms",
         "on_cpu",
         "owner",
+        "shared",
         "size",
         "top_from",
     )
@@ -72,6 +76,7 @@ class Table:
         self.bound_check = bound_check
         self.top_from = 0
         self.owner = None
+        self.shared = None
 
     @property
     def watch(self) -> Watch:

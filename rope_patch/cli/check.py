@@ -2,12 +2,16 @@
 
 PATH is a model folder (its ``config.json``; no weights needed) or a
 ``config.json``. The command finds the rotary classes the config's model
-uses (its modeling module, the modules of its sub-configs, or its remote
-code with ``--trust-remote-code``), builds each from *that* config, and
-reports what rope_patch does with it there: the rope type, answered from
-tables or why not, bit-identity proven against the unpatched forward on
-``--device`` / ``--dtype`` (rope_patch.diagnostics.verify), and the per-call
-speed-up at decode and prefill (rope_patch.diagnostics.latency).
+instantiates (the model, or its remote code with ``--trust-remote-code``,
+built from the config on the meta device: rope_patch.diagnostics.skeleton),
+builds one of each as the model builds it, and reports what rope_patch does
+with it there: the rope type, answered from tables or why not (the
+runtime's own reason, from rope_patch.cache_info), bit-identity proven
+against the unpatched forward on ``--device`` / ``--dtype``
+(rope_patch.diagnostics.verify), and the per-call speed-up at decode and
+prefill (rope_patch.diagnostics.latency). When the model cannot be built on
+the meta device, every rotary class of its modeling modules is checked, and
+the report says so.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class Finding:
     problems: list = dataclasses.field(default_factory=list)
     timing: list = dataclasses.field(default_factory=list)
     timing_note: str = ""
+    #: paths of the model's modules of this class (None: the model was not built)
+    held: list | None = None
+    #: why some calls of the checked instance were computed unpatched (the runtime's reasons)
+    unpatched: list = dataclasses.field(default_factory=list)
 
 
 def load_config(path: str, trust_remote_code: bool):
@@ -100,50 +108,86 @@ def model_modules(config, folder: str, trust_remote_code: bool) -> list:
     return list({id(module): module for module in modules}.values())
 
 
-def check_model(config, folder, device: str, dtype: str, trust_remote_code: bool, timing: bool) -> list[Finding]:
-    """One Finding per rotary class of the model (patching must be active)."""
+def model_rotaries(config, folder: str, trust_remote_code: bool, notes: list[str]) -> list:
+    """``(RotaryClass, Held or None)`` for every rotary class the model of
+    ``config`` instantiates (rope_patch.diagnostics.skeleton); when it
+    cannot be built on the meta device, every rotary class of its modeling
+    modules, with None, and a line in ``notes`` saying so."""
+    from rope_patch.diagnostics.skeleton import SkeletonError, held_rotaries, model_class
+    from rope_patch.discovery import describe, rotary_classes
+
+    cls = model_class(config, folder, trust_remote_code)
+    if cls is not None:
+        try:
+            return [(describe(held.cls), held) for held in held_rotaries(cls, config)]
+        except SkeletonError as error:
+            problem = f"the model cannot be built on the meta device ({error})"
+    else:
+        problem = "no model class for this config"
+    notes.append(f"{problem}: every rotary class of its modeling modules is checked, used or not")
+    return [
+        (rotary, None)
+        for module in model_modules(config, folder, trust_remote_code)
+        for rotary in rotary_classes(module)
+    ]
+
+
+def check_model(config, folder, device: str, dtype: str, trust_remote_code: bool, timing: bool, notes=None):
+    """One Finding per rotary class the model instantiates (patching must be
+    active); ``notes`` receives lines about how the classes were found."""
     from rope_patch import settings as settings_module
     from rope_patch.diagnostics import latency
-    from rope_patch.diagnostics.instances import InstantiationError, instance_from_config
+    from rope_patch.diagnostics.instances import Instance, InstantiationError, instance_from_config, layer_types_of
     from rope_patch.diagnostics.verify import verify_instance
-    from rope_patch.discovery import POSITIONS, rotary_classes
+    from rope_patch.discovery import POSITIONS
 
     findings = []
-    for module in model_modules(config, folder, trust_remote_code):
-        for rotary in rotary_classes(module):
-            rope_patch.patch_class(rotary.cls)  # remote code loaded just now, or a class the hooks missed
-            decision = classify(rotary, settings_module.active)
-            finding = Finding(rotary.name, rotary.module, str(decision.status), decision.reason)
-            findings.append(finding)
-            if decision.status is not Status.CACHED:
-                continue
+    for rotary, held in model_rotaries(config, folder, trust_remote_code, [] if notes is None else notes):
+        rope_patch.patch_class(rotary.cls)  # remote code loaded just now, or a class the hooks missed
+        decision = classify(rotary, settings_module.active)
+        finding = Finding(rotary.name, rotary.module, str(decision.status), decision.reason)
+        finding.held = None if held is None else list(held.paths)
+        findings.append(finding)
+        if decision.status is not Status.CACHED:
+            continue
+        module = held.build(device) if held is not None else None
+        if module is not None:
+            built = Instance(module, layer_types_of(module))
+        else:
             try:
                 built = instance_from_config(rotary, config, device)
             except InstantiationError as error:
                 finding.status, finding.reason = "not used", f"cannot be built from this config: {error}"
                 continue
-            finding.rope_type = getattr(built.module, "rope_type", None)
-            result = verify_instance(rotary, built, device, (torch_dtype(dtype),))
-            finding.status, finding.reason = str(result.status), result.reason
-            finding.identical, finding.problems = not result.problems, list(result.problems)
-            if timing and result.status is Status.CACHED and not result.problems:
-                if rotary.convention != POSITIONS:
-                    finding.timing_note = "not timed: the timing covers forward(x, position_ids) only"
-                    continue
-                layer_type = built.layer_types[0]
-                try:
-                    finding.timing = latency.measure(
-                        built.module, torch_dtype(dtype), TIMED_SHAPES, device=device, layer_type=layer_type
-                    )
-                except (RuntimeError, AssertionError) as error:
-                    finding.timing_note = f"not timed: {error}"
+        finding.rope_type = getattr(built.module, "rope_type", None)
+        result = verify_instance(rotary, built, device, (torch_dtype(dtype),))
+        finding.status, finding.reason = str(result.status), result.reason
+        finding.identical, finding.problems = not result.problems, list(result.problems)
+        if result.status is Status.CACHED:
+            finding.unpatched = list(rope_patch.cache_info(built.module).unpatched)
+        if timing and result.status is Status.CACHED and not result.problems:
+            if rotary.convention != POSITIONS:
+                finding.timing_note = "not timed: the timing covers forward(x, position_ids) only"
+                continue
+            layer_type = built.layer_types[0]
+            try:
+                finding.timing = latency.measure(
+                    built.module, torch_dtype(dtype), TIMED_SHAPES, device=device, layer_type=layer_type
+                )
+            except (RuntimeError, AssertionError) as error:
+                finding.timing_note = f"not timed: {error}"
     return findings
 
 
-def render(findings, config, path, device, dtype) -> list[str]:
+#: Module paths shown per class at most.
+SHOWN_PATHS = 3
+
+
+def render(findings, config, path, device, dtype, notes=()) -> list[str]:
     import transformers
 
     lines = [f"{path}: model type {config.model_type} (transformers {transformers.__version__}), on {device} {dtype}"]
+    lines += [f"note: {note}" for note in notes]
     if not findings:
         lines.append("no rotary embedding class found for this model type: rope_patch does nothing for it")
         return lines
@@ -152,6 +196,10 @@ def render(findings, config, path, device, dtype) -> list[str]:
         lines.append(
             f"{finding.name}{rope_type}: {finding.status}" + (f" ({finding.reason})" if finding.reason else "")
         )
+        if finding.held:
+            shown = ", ".join(finding.held[:SHOWN_PATHS]) + (", ..." if len(finding.held) > SHOWN_PATHS else "")
+            lines.append(f"  held by {len(finding.held)} module{'s' if len(finding.held) > 1 else ''}: {shown}")
+        lines += [f"  computed unpatched: {reason}" for reason in finding.unpatched]
         if finding.identical is not None:
             if finding.identical:
                 lines.append(
@@ -193,7 +241,8 @@ def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
         with patched_like_auto():
             if not rope_patch.is_patched():
                 raise click.UsageError("rope_patch is not patching here (ROPE_PATCH_DISABLE, or unsupported versions)")
-            findings = check_model(config, folder, device, dtype, trust_remote_code, timing=not no_timing)
+            notes: list[str] = []
+            findings = check_model(config, folder, device, dtype, trust_remote_code, not no_timing, notes)
     if as_json:
         rows = []
         for finding in findings:
@@ -207,10 +256,13 @@ def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
             ]
             rows.append(row)
         click.echo(
-            json.dumps({"model_type": config.model_type, "device": device, "dtype": dtype, "rotaries": rows}, indent=2)
+            json.dumps(
+                {"model_type": config.model_type, "device": device, "dtype": dtype, "notes": notes, "rotaries": rows},
+                indent=2,
+            )
         )
     else:
-        for line in render(findings, config, path, device, dtype):
+        for line in render(findings, config, path, device, dtype, notes):
             click.echo(line)
     if any(f.identical is False for f in findings):
         sys.exit(1)

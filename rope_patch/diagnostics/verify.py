@@ -19,6 +19,7 @@ more batch dimension) must be bit-identical but do not change its status.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -163,7 +164,10 @@ def verify_instance(rotary: RotaryClass, built: Instance, device="cpu", dtypes=(
     kinds = set()
     if rotary.convention == PREFIX:  # forward(x, seq_len)
         lengths = {"probe": PROBE_POSITIONS} if cases == "probe" else seq_len_cases(limit)
-        problems = _compare(module, lengths, (), dtypes, device)
+        if rotary.rebuild is not None:  # a forward that rebuilds its own cache: the state is part of the answer
+            problems = _compare_with_twin(module, lengths, dtypes, device)
+        else:
+            problems = _compare(module, lengths, (), dtypes, device)
         result = outcome(module)
         reason = "; ".join(filter(None, (result.reason, built.repair)))
         return ClassOutcome(rotary, result.status, reason, tuple(problems), False, built.repair)
@@ -175,6 +179,10 @@ def verify_instance(rotary: RotaryClass, built: Instance, device="cpu", dtypes=(
         else:
             planar, spatial = position_cases(limit, device), mrope_position_cases(limit, device)
         problems += _compare(module, planar, extra, dtypes, device)
+        if rotary.extra == "seq_len":  # the model's attention may pass it (Phi-3's does): those calls too
+            for name, positions in planar.items():
+                seq_len = (positions.shape[-1],)
+                problems += _compare(module, {f"{name}, seq_len passed": positions}, seq_len, dtypes, device)
         kind = mrope_kind(module, extra, device)
         if kind is not None:
             kinds.add(kind)
@@ -211,6 +219,29 @@ def _compare(module, cases: dict, extra: tuple, dtypes, device) -> list[str]:
                 problem = same_outcome(call, call)
                 if problem:
                     problems.append(f"{where} ({attempt}): {problem}")
+    return problems
+
+
+def _compare_with_twin(module, lengths: dict, dtypes, device) -> list[str]:
+    """For a forward that rebuilds its own cache (rope_patch.cache.rebuild):
+    the module patched and an unpatched twin (a copy made before any call)
+    get the same calls, growing, shrinking and growing again; outputs (or
+    exception types) and the modules' whole state must be identical after
+    each. Comparing on one module would let the unpatched call build the
+    cache the patched call then only slices."""
+    twin = copy.deepcopy(module)
+    order = list(lengths.items())
+    order += [(f"{name} again", n) for name, n in reversed(order)] + [(f"{name}, then", n) for name, n in order]
+    problems = []
+    for dtype in dtypes:
+        for name, n in order:
+            x = torch.randn(1, n, HIDDEN, device=device).to(dtype)
+            where = f"{name} {str(dtype).replace('torch.', '')}"
+            problem = same_outcome(functools.partial(twin, x, n), functools.partial(module, x, n))
+            if problem is None and module_state(module) != module_state(twin):
+                problem = "module state differs from the unpatched twin's"
+            if problem:
+                problems.append(f"{where}: {problem}")
     return problems
 
 
