@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import wrapt
 
-from rope_patch import discovery, versions
+from rope_patch import discovery, logs, versions
 from rope_patch import settings as settings_module
 from rope_patch.status import ClassStatus, Status, classify
 
@@ -84,11 +84,12 @@ def patch(
         if is_patched():
             logger.warning("rope_patch: already patched; patch() ignored")
             return False
+        settings = settings_module.from_environment()
+        logs.configure(settings.verbosity)
         problem = versions.problem()
         if problem is not None:
             _warn_once(f"rope_patch: {problem}; nothing is patched")
             return False
-        settings = settings_module.from_environment()
         if settings.disabled:
             logger.info("rope_patch: disabled by the environment; nothing is patched")
             return False
@@ -209,7 +210,7 @@ def _uninstall(cls: type, previous, ours, name: str = "forward") -> None:
     # A wrapper we cannot rewire (a plain decorator) keeps calling ours:
     # retired, ours now runs the original on every call.
     forward.retire(ours)
-    logger.warning(
+    logger.info(
         "rope_patch: %s.%s was wrapped after rope_patch by something that cannot be rewired; "
         "it stays, and calls the original through rope_patch's retired replacement",
         cls.__name__,
@@ -304,6 +305,8 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
         # original so this class stays untouched.
         _install(cls, original)
     _Registry.seen[cls] = decision
+    if decision.status != Status.CACHED:
+        logger.info("rope_patch: %s is left unpatched (%s): %s", cls.__name__, decision.status, decision.reason)
 
 
 def _install_rebuild(cls: type, name: str) -> None:

@@ -14,6 +14,8 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 
+from rope_patch import logs
+
 logger = logging.getLogger(__name__)
 
 #: ``1``/``true``/``yes``/``on`` makes ``import rope_patch.auto`` patch nothing.
@@ -27,6 +29,9 @@ SYNC_FREE = "ROPE_PATCH_SYNC_FREE"
 #: Largest table (in positions) a module may grow; positions beyond it take
 #: the unpatched path. Default: max(max_position_embeddings, 65536).
 MAX_POSITIONS = "ROPE_PATCH_MAX_POSITIONS"
+#: How much rope_patch logs: ``error``, ``warning`` (default), ``info`` (each
+#: table built, each class computed unpatched and why) or ``debug``.
+VERBOSITY = "ROPE_PATCH_VERBOSITY"
 
 #: Every variable with a one-line meaning, for the CLI's ``info`` and the README.
 VARIABLES: Mapping[str, str] = {
@@ -35,6 +40,7 @@ VARIABLES: Mapping[str, str] = {
     SYNC_FREE: "1 pre-sizes tables to max_position_embeddings and skips the bound check "
     "on accelerators (no host sync; you guarantee positions are in range)",
     MAX_POSITIONS: "largest table size in positions; larger positions are computed unpatched",
+    VERBOSITY: "error, warning (default), info (each table built, each class computed unpatched and why) or debug",
 }
 
 DEFAULT_MIN_CAP = 65536
@@ -59,6 +65,7 @@ class Settings:
             each an exact name or a glob (see :func:`name_matches`).
         sync_free: on accelerators, pre-size tables and skip the bound check.
         max_positions: table size cap in positions, or None for the default.
+        verbosity: how much the ``rope_patch`` logger says (rope_patch.logs).
         problem: why the environment could not be used (then ``disabled``).
     """
 
@@ -66,6 +73,7 @@ class Settings:
     exclude: frozenset[str] = frozenset()
     sync_free: bool = False
     max_positions: int | None = None
+    verbosity: str = logs.DEFAULT
     problem: str | None = None
 
     def excludes(self, model_type: str, class_name: str) -> bool:
@@ -131,6 +139,15 @@ def parse_positive_int(name: str, value: str) -> int:
     return number
 
 
+def parse_verbosity(name: str, value: str) -> str:
+    """Parse a verbosity (a rope_patch.logs level name, any case); raise
+    SettingsError naming ``name``."""
+    level = value.strip().lower() or logs.DEFAULT
+    if level not in logs.LEVELS:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(logs.LEVELS)}")
+    return level
+
+
 def from_environment(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the ROPE_PATCH_* variables.
 
@@ -150,6 +167,7 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Settings:
             max_positions=(
                 parse_positive_int(MAX_POSITIONS, env[MAX_POSITIONS]) if env.get(MAX_POSITIONS, "").strip() else None
             ),
+            verbosity=parse_verbosity(VERBOSITY, env.get(VERBOSITY, "")),
         )
     except SettingsError as error:
         logger.warning("rope_patch: %s; patching nothing", error)

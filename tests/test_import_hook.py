@@ -121,7 +121,10 @@ def test_unparseable_variable_warns_and_patches_nothing():
     assert "ROPE_PATCH_EXCLUDE" in stderr
 
 
-@pytest.mark.parametrize("name,value", [("ROPE_PATCH_DISABLE", "maybe"), ("ROPE_PATCH_MAX_POSITIONS", "lots")])
+@pytest.mark.parametrize(
+    "name,value",
+    [("ROPE_PATCH_DISABLE", "maybe"), ("ROPE_PATCH_MAX_POSITIONS", "lots"), ("ROPE_PATCH_VERBOSITY", "chatty")],
+)
 def test_other_unparseable_variables_in_process(name, value, monkeypatch, caplog):
     import rope_patch
 

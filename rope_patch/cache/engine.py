@@ -189,8 +189,15 @@ def max_position_embeddings(module) -> int | None:
     return None
 
 
-def _disable(module, state: ModuleState, reason: str) -> None:
-    """Stop caching ``module`` for good; warn once per class."""
+def _disable(module, state: ModuleState, reason: str, *, mismatch: bool = False) -> None:
+    """Stop caching ``module`` for good; say so once per class.
+
+    Args:
+        mismatch: a table disagreed with the unpatched forward on a real
+            call (a rope_patch bug the user should report: a warning). Every
+            other reason is a decision by design (logged at INFO: vision
+            rotaries, nothing to gain, forwards no table can follow).
+    """
     state.fallback = reason
     state.forget_answers()
     state.tables.clear()
@@ -199,7 +206,22 @@ def _disable(module, state: ModuleState, reason: str) -> None:
     observed_fallbacks.setdefault(cls, reason)
     if cls not in _warned:
         _warned.add(cls)
-        logger.warning("rope_patch: %s is computed unpatched from now on: %s", cls.__name__, reason)
+        level = logging.WARNING if mismatch else logging.INFO
+        logger.log(level, "rope_patch: %s is computed unpatched from now on: %s", cls.__name__, reason)
+
+
+def _log_table(module, key, table) -> None:
+    device, dtype, layer_type = key
+    logger.info(
+        "rope_patch: %s: table built on %s for %s%s: positions 0..%d, %d bytes%s",
+        type(module).__name__,
+        device,
+        str(dtype).replace("torch.", ""),
+        "" if layer_type is None else f", layer_type {layer_type}",
+        table.size - 1,
+        table.nbytes(),
+        "" if table.shared is None else " (columns shared with modules of equal frequency state)",
+    )
 
 
 def hand_over(module, reason: str) -> None:
@@ -319,6 +341,8 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
                 state.spares[key] = other_state  # the other frequency set: kept for switching back
         state.tables[key] = table = new
         state.forget_answers()
+        if logger.isEnabledFor(logging.INFO):
+            _log_table(module, key, new)
     form = _form_for(state, call, table)
     if form is None:
         return call.compute()
@@ -506,7 +530,7 @@ def _verify_first_use(state: ModuleState, call: _Call, table, form):
     try:
         actual = form.lookup(call.module, call.x, call.position_ids)
     except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
-        _disable(call.module, state, f"table lookup failed: {error!r}")
+        _disable(call.module, state, f"table lookup failed: {error!r}", mismatch=True)
         return expected
     problem = difference(expected, actual)
     if problem is not None:
@@ -515,7 +539,7 @@ def _verify_first_use(state: ModuleState, call: _Call, table, form):
         with exact_numerics(call.x.device.type):
             exact = call.compute()
         if difference(exact, actual) is not None:
-            _disable(call.module, state, f"first call differs from the unpatched forward: {problem}")
+            _disable(call.module, state, f"first call differs from the unpatched forward: {problem}", mismatch=True)
             return expected
     form.verified = True
     mark_answered(call.module)

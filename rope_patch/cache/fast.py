@@ -137,7 +137,7 @@ def _watch_conditions(watch, constant) -> list[str]:
             f"{c}[{k}] is not {t}",
             f"{t}._version != {version}",
             f"{t}.data_ptr() != {address}",
-            f"({t}.requires_grad and _grad_enabled())",
+            f"(_grad_enabled() and {t}.requires_grad)",  # grad is off at decode: one read
         ]
     for container, key, value, snapshot in watch.values:
         c, k = constant(container), _key(key, constant)
@@ -154,7 +154,7 @@ def _watch_conditions(watch, constant) -> list[str]:
             f"{c}[{k}] is not {t}",
             f"{t}.data_ptr() != {address}",
             f"not _equal(_bits({t}), {constant(snapshot)})",
-            f"({t}.requires_grad and _grad_enabled())",
+            f"(_grad_enabled() and {t}.requires_grad)",  # grad is off at decode: one read
         ]
     return conditions
 

@@ -643,7 +643,9 @@ def _verify_first_use(state, module, original, table, form: RebuildForm, seq_len
         exact = _Snapshot(module)
         real.put_back(module)
         if _state_difference(exact, replayed) is not None:
-            engine._disable(module, state, f"its first cache rebuild differs from the unpatched one: {problem}")
+            engine._disable(
+                module, state, f"its first cache rebuild differs from the unpatched one: {problem}", mismatch=True
+            )
             return result
     form.verified = True
     engine.mark_answered(module)
