@@ -503,3 +503,65 @@ def test_check_a_config_json_with_a_changing_rope_type(model_folders):
 def test_check_reports_bad_paths():
     result = invoke("check", "/no/such/model")
     assert result.exit_code == 2 and "no such file or folder" in result.stderr
+
+
+def hub_cache(root, repo_id: str, config) -> tuple[str, str]:
+    """Lay out a Hugging Face cache under ``root`` (HF_HOME) holding only
+    ``repo_id``'s config.json, as a download would leave it; returns
+    (HF_HOME, the snapshot's commit id)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    config.save_pretrained(repo / "snapshots" / commit)
+    return str(root), commit
+
+
+def check_offline(hf_home, *args):
+    """``rope-patch check ARGS`` in a child process with the Hub offline
+    (its switch is read when huggingface_hub is imported)."""
+    env = subprocess_env(HF_HOME=hf_home, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    return subprocess.run(
+        [sys.executable, "-m", "rope_patch", "check", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def offline_hub(tmp_path_factory):
+    import transformers
+
+    from tests.models import TINY
+
+    return hub_cache(tmp_path_factory.mktemp("hf_home"), "tiny-org/tiny-qwen3", transformers.Qwen3Config(**TINY))
+
+
+def test_check_a_hub_model_id_from_the_local_cache_offline(offline_hub):
+    hf_home, commit = offline_hub
+    for revision in ((), ("--revision", commit)):
+        result = check_offline(hf_home, "tiny-org/tiny-qwen3", *revision, "--no-timing", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["model_type"] == "qwen3"
+        assert [(r["name"], r["status"], r["identical"]) for r in report["rotaries"]] == [
+            ("Qwen3RotaryEmbedding", "cached", True)
+        ]
+
+
+def test_a_hub_model_id_that_cannot_be_had_offline_is_named_with_the_reason(offline_hub):
+    hf_home, _ = offline_hub
+    result = check_offline(hf_home, "tiny-org/not-downloaded", "--no-timing")
+    assert result.returncode == 2, result.stdout
+    assert "tiny-org/not-downloaded: not a local path" in result.stderr
+    assert "not in the local Hugging Face cache while offline" in result.stderr
+    result = check_offline(hf_home, "tiny-org/tiny-qwen3", "--revision", "v9", "--no-timing")
+    assert result.returncode == 2 and "at revision v9" in result.stderr, result.stderr
+
+
+def test_revision_is_for_hub_ids(model_folders):
+    result = invoke("check", str(model_folders / "qwen3"), "--revision", "main")
+    assert result.exit_code == 2 and "--revision is for Hub model ids" in result.stderr

@@ -1,6 +1,8 @@
-"""``rope-patch check PATH``: does rope_patch help *my* model?
+"""``rope-patch check MODEL``: does rope_patch help *my* model?
 
-PATH is a model folder (its ``config.json``; no weights needed) or a
+MODEL is a Hub model id (only its config.json is fetched, through
+transformers' own loading, honouring HF_HUB_OFFLINE and the local cache),
+a model folder (its ``config.json``; no weights needed) or a
 ``config.json``. The command finds the rotary classes the config's model
 instantiates (the model, or its remote code with ``--trust-remote-code``,
 built from the config on the meta device: rope_patch.diagnostics.skeleton),
@@ -34,8 +36,11 @@ from rope_patch.cli._common import (
     quiet,
     torch_dtype,
 )
+from rope_patch.diagnostics.skeleton import ModelSource
 from rope_patch.status import Status, classify
 
+#: The variables that switch Hugging Face Hub access off.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 #: Shapes timed: decode of one token, a 512-token prefill.
 TIMED_SHAPES = ((1, 1), (1, 512))
 
@@ -59,26 +64,54 @@ class Finding:
     unpatched: list = dataclasses.field(default_factory=list)
 
 
-def load_config(path: str, trust_remote_code: bool):
-    """The config at ``path`` (a folder with config.json, or the file)."""
+def load_config(model: str, trust_remote_code: bool, revision: str | None = None):
+    """The config of ``model`` and where its files come from.
+
+    Args:
+        model: a folder with config.json, a config.json, or a Hub model id
+            (only its config is fetched, through transformers' own loading:
+            the local cache first, and nothing else under HF_HUB_OFFLINE=1).
+        revision: the Hub revision (branch, tag or commit) of a model id.
+
+    Raises:
+        click.BadParameter / click.UsageError naming ``model`` and the problem.
+    """
     import transformers
 
-    if not os.path.exists(path):
-        raise click.BadParameter(f"{path}: no such file or folder", param_hint="PATH")
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise click.BadParameter(f"{path}: no config.json in this folder", param_hint="PATH")
+    if os.path.exists(model):
+        if revision is not None:
+            raise click.BadParameter(f"{model} is a local path: --revision is for Hub model ids", param_hint="MODEL")
+        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+            raise click.BadParameter(f"{model}: no config.json in this folder", param_hint="MODEL")
+        source = ModelSource(model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model)))
+    elif model.count("/") <= 1 and not model.startswith((".", "/", "~")) and not model.endswith(".json"):
+        source = ModelSource(model, revision)
+    else:
+        raise click.BadParameter(f"{model}: no such file or folder (nor a Hub model id)", param_hint="MODEL")
     try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), folder
+        config = transformers.AutoConfig.from_pretrained(
+            model, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {})
+        )
     except ValueError as error:
         if "trust_remote_code" in str(error):
-            raise click.UsageError(f"{path} uses remote code: pass --trust-remote-code to load it") from None
-        raise click.UsageError(f"{path}: not a transformers config: {error}") from None
+            raise click.UsageError(f"{model} uses remote code: pass --trust-remote-code to load it") from None
+        raise click.UsageError(f"{model}: not a transformers config: {error}") from None
     except OSError as error:
-        raise click.UsageError(f"{path}: {error}") from None
+        if source.location == model and _offline():
+            raise click.UsageError(
+                f"{model}: not a local path, and the Hub model id{f' at revision {revision}' if revision else ''} "
+                "is not in the local Hugging Face cache while offline (HF_HUB_OFFLINE is set)"
+            ) from None
+        raise click.UsageError(f"{model}: {error}") from None
+    return config, source
 
 
-def model_modules(config, folder: str, trust_remote_code: bool) -> list:
+def _offline() -> bool:
+    """Hub access is off (HF_HUB_OFFLINE, or transformers' older TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_VARIABLES)
+
+
+def model_modules(config, source: ModelSource, trust_remote_code: bool) -> list:
     """The modules that define the model of ``config`` and of its sub-configs."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
@@ -88,11 +121,9 @@ def model_modules(config, folder: str, trust_remote_code: bool) -> list:
     family, _ = config_family(config)
     auto_map = getattr(config, "auto_map", None) or {}
     if auto_map and trust_remote_code:
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
         for reference in auto_map.values():
             if isinstance(reference, str) and reference.split(".")[0].startswith("modeling"):
-                cls = get_class_from_dynamic_module(reference, folder)
+                cls = source.remote_class(reference)
                 modules.append(sys.modules[cls.__module__])
     import transformers
 
@@ -108,7 +139,7 @@ def model_modules(config, folder: str, trust_remote_code: bool) -> list:
     return list({id(module): module for module in modules}.values())
 
 
-def model_rotaries(config, folder: str, trust_remote_code: bool, notes: list[str]) -> list:
+def model_rotaries(config, source: ModelSource, trust_remote_code: bool, notes: list[str]) -> list:
     """``(RotaryClass, Held or None)`` for every rotary class the model of
     ``config`` instantiates (rope_patch.diagnostics.skeleton); when it
     cannot be built on the meta device, every rotary class of its modeling
@@ -116,7 +147,7 @@ def model_rotaries(config, folder: str, trust_remote_code: bool, notes: list[str
     from rope_patch.diagnostics.skeleton import SkeletonError, held_rotaries, model_class
     from rope_patch.discovery import describe, rotary_classes
 
-    cls = model_class(config, folder, trust_remote_code)
+    cls = model_class(config, source, trust_remote_code)
     if cls is not None:
         try:
             return [(describe(held.cls), held) for held in held_rotaries(cls, config)]
@@ -127,12 +158,14 @@ def model_rotaries(config, folder: str, trust_remote_code: bool, notes: list[str
     notes.append(f"{problem}: every rotary class of its modeling modules is checked, used or not")
     return [
         (rotary, None)
-        for module in model_modules(config, folder, trust_remote_code)
+        for module in model_modules(config, source, trust_remote_code)
         for rotary in rotary_classes(module)
     ]
 
 
-def check_model(config, folder, device: str, dtype: str, trust_remote_code: bool, timing: bool, notes=None):
+def check_model(
+    config, source: ModelSource, device: str, dtype: str, trust_remote_code: bool, timing: bool, notes=None
+):
     """One Finding per rotary class the model instantiates (patching must be
     active); ``notes`` receives lines about how the classes were found."""
     from rope_patch import settings as settings_module
@@ -142,7 +175,7 @@ def check_model(config, folder, device: str, dtype: str, trust_remote_code: bool
     from rope_patch.discovery import POSITIONS
 
     findings = []
-    for rotary, held in model_rotaries(config, folder, trust_remote_code, [] if notes is None else notes):
+    for rotary, held in model_rotaries(config, source, trust_remote_code, [] if notes is None else notes):
         rope_patch.patch_class(rotary.cls)  # remote code loaded just now, or a class the hooks missed
         decision = classify(rotary, settings_module.active)
         finding = Finding(rotary.name, rotary.module, str(decision.status), decision.reason)
@@ -222,27 +255,28 @@ def render(findings, config, path, device, dtype, notes=()) -> list[str]:
     return lines
 
 
-@click.command("check", short_help="Does rope_patch help my model? (a model folder or config.json)")
-@click.argument("path")
+@click.command("check", short_help="Does rope_patch help my model? (a Hub model id, a model folder or config.json)")
+@click.argument("model")
+@click.option("--revision", help="Hub revision of MODEL (a branch, tag or commit); default: the default branch.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Load the model's own code (auto_map), as transformers would.")
 @click.option("--no-timing", is_flag=True, help="Skip the per-call timing (a few seconds per class).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
-def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
-    """For the model at PATH (a folder with config.json, or a config.json;
-    no weights needed): which rotary classes and rope types its config gets,
+def check_command(model, revision, device, dtype, trust_remote_code, no_timing, as_json):
+    """For MODEL (a Hub model id, a folder with config.json, or a
+    config.json; only the config is read, no weights): which rotary classes and rope types its config gets,
     whether rope_patch answers them from tables (and why not), bit-identity
     proven on a rotary built from that exact config, and the per-call
     speed-up there. Exits 1 on a mismatch."""
     check_device(device)
     with model_code_contained(), quiet("rope_patch.diagnostics"):
-        config, folder = load_config(path, trust_remote_code)
+        config, source = load_config(model, trust_remote_code, revision)
         with patched_like_auto():
             if not rope_patch.is_patched():
                 raise click.UsageError("rope_patch is not patching here (ROPE_PATCH_DISABLE, or unsupported versions)")
             notes: list[str] = []
-            findings = check_model(config, folder, device, dtype, trust_remote_code, not no_timing, notes)
+            findings = check_model(config, source, device, dtype, trust_remote_code, not no_timing, notes)
     if as_json:
         rows = []
         for finding in findings:
@@ -262,7 +296,7 @@ def check_command(path, device, dtype, trust_remote_code, no_timing, as_json):
             )
         )
     else:
-        for line in render(findings, config, path, device, dtype, notes):
+        for line in render(findings, config, model, device, dtype, notes):
             click.echo(line)
     if any(f.identical is False for f in findings):
         sys.exit(1)

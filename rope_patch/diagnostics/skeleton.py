@@ -63,19 +63,32 @@ def _on(value, device):
     return value
 
 
-def model_class(config, folder: str, trust_remote_code: bool):
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files come from: a local folder, or a Hub model id at
+    ``revision`` (None: the default branch)."""
+
+    location: str
+    revision: str | None = None
+
+    def remote_class(self, reference: str):
+        """The class an ``auto_map`` reference names, loaded as transformers loads it."""
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(reference, self.location, revision=self.revision)
+
+
+def model_class(config, source: ModelSource, trust_remote_code: bool):
     """The model class of ``config``: its remote code's (``auto_map``) when
     trusted, else transformers' base model for its model type; None."""
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and auto_map:
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
         names = [name for name in MODEL_ENTRIES if name in auto_map]
         names += [name for name in auto_map if name.startswith("AutoModel") and name not in names]
         for name in names:
             reference = auto_map[name]
             if isinstance(reference, str) and name not in NOT_MODELS:
-                return get_class_from_dynamic_module(reference, folder)
+                return source.remote_class(reference)
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     class_name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
