@@ -9,7 +9,7 @@ from rope_patch.info import CacheInfo, TableInfo
 from rope_patch.patching import disabled, is_patched, patch, patch_class, status, unpatch
 from rope_patch.status import ClassStatus, Status
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def cache_info(module) -> CacheInfo:

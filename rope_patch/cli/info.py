@@ -22,7 +22,7 @@ def _range(low: tuple[int, ...], high: tuple[int, ...]) -> str:
 
 
 def version_line() -> str:
-    """``rope-patch 0.1.0 (torch ..., transformers ..., wrapt ...)``, for --version."""
+    """``rope-patch 0.2.0 (torch ..., transformers ..., wrapt ...)``, for --version."""
     found = ", ".join(f"{name} {versions.installed(name) or 'not installed'}" for name in PACKAGES[:3])
     return f"rope-patch {rope_patch.__version__} ({found})"
 
