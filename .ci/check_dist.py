@@ -1,7 +1,8 @@
 """Check the sdist and the wheel that ``python -m build`` wrote: exactly one of
 each, both carry the LICENSE, the wheel's metadata declares Apache-2.0 and
-it holds the package files users need (the ``python -m rope_patch`` entry
-and the ``rope-patch run`` bootstrap). Standard library only.
+it holds the package files users need (the ``python -m rope_patch`` entry,
+the ``rope-patch run`` bootstrap and the PEP 561 ``py.typed`` marker).
+Standard library only.
 
     python .ci/check_dist.py DIST_DIR
 """
@@ -21,6 +22,7 @@ WHEEL_FILES = (
     "rope_patch/auto.py",
     "rope_patch/cli/__init__.py",
     "rope_patch/_sitecustomize/sitecustomize.py",
+    "rope_patch/py.typed",
 )
 
 

@@ -15,6 +15,13 @@ import os
 import re
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    import torch
 
 MODELS_PACKAGE = "transformers.models"
 #: The package transformers loads remote code (trust_remote_code=True) into.
@@ -56,9 +63,9 @@ class RotaryClass:
             tables, the forward runs as it is.
     """
 
-    cls: type
+    cls: type[torch.nn.Module]
     model_type: str
-    forward: object
+    forward: Callable[..., Any] | None
     convention: str | None
     extra: str | None
     unsupported: str | None
@@ -102,7 +109,7 @@ def modeling_module_names() -> list[str]:
     root = models_dir()
     if root is None:
         return []
-    names = []
+    names: list[str] = []
     with os.scandir(root) as models:
         for model in models:
             if not model.is_dir() or model.name.startswith(("_", ".")):
@@ -181,7 +188,7 @@ def is_vision(cls: type) -> bool:
     return bool(_VISION_NAME.search(cls.__name__))
 
 
-def describe(cls: type) -> RotaryClass:
+def describe(cls: type[torch.nn.Module]) -> RotaryClass:
     """Classify ``cls`` by its forward's signature. A vision rotary whose
     signature no table can answer gets VISION_REASON (the reason that
     matters); one that takes per-position ids is patched like any other."""

@@ -59,7 +59,7 @@ def make_forward(original, rotary: discovery.RotaryClass):
 
 
 def _positions_forward(original, extra_parameter, unread_seq_len=False):
-    retired = []  # non-empty once unpatch() left us beneath another wrapper
+    retired: list[bool] = []  # non-empty once unpatch() left us beneath another wrapper
     keyed = extra_parameter == "layer_type"
 
     @functools.wraps(original)
@@ -116,7 +116,7 @@ def _positions_forward(original, extra_parameter, unread_seq_len=False):
                 hand_over(self, SEQ_LEN_READ)
                 return original(self, x, position_ids, *args, **kwargs)
             layer_type = value if keyed else None
-            extra = (value,)
+            extra: tuple[object, ...] = (value,)
         else:
             layer_type = None
             extra = ()
@@ -155,7 +155,7 @@ def _remember(state, table, form, dtype, layer_type) -> None:
 
 
 def _prefix_forward(original):
-    retired = []
+    retired: list[bool] = []
 
     @functools.wraps(original)
     def forward(self, x, *args, **kwargs):

@@ -3,6 +3,8 @@ every tensor the same dtype, shape, device, strides and bits."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 #: Integer dtype of each element size, to compare floats bit for bit.
@@ -39,9 +41,11 @@ def difference(expected: object, actual: object) -> str | None:
     tensors, as rotary forwards return), or None when bit-identical."""
     if type(expected) is not type(actual):
         return f"returned {type(actual).__name__} instead of {type(expected).__name__}"
+    # From here ``actual`` is of ``expected``'s type (checked above).
     if isinstance(expected, torch.Tensor):
-        return tensor_difference(expected, actual)
+        return tensor_difference(expected, cast(torch.Tensor, actual))
     if isinstance(expected, (tuple, list)):
+        actual = cast("tuple | list", actual)
         if len(expected) != len(actual):
             return f"returned {len(actual)} outputs instead of {len(expected)}"
         for index, (want, got) in enumerate(zip(expected, actual, strict=False)):

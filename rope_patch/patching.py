@@ -17,13 +17,16 @@ import os
 import sys
 import threading
 import weakref
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import wrapt
 
 from rope_patch import discovery, logs, versions
 from rope_patch import settings as settings_module
 from rope_patch.status import ClassStatus, Status, classify
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -239,12 +242,16 @@ def status() -> list[ClassStatus]:
     out = []
     for row in rows:
         reason = fallbacks.get(row.rotary.cls) or handed.get(row.rotary.cls)
-        fell_back = reason and row.status == Status.CACHED
-        out.append(dataclasses.replace(row, status=Status.FALLBACK, reason=reason) if fell_back else row)
+        # the condition inline, where mypy sees that reason is not None
+        out.append(
+            dataclasses.replace(row, status=Status.FALLBACK, reason=reason)
+            if reason and row.status == Status.CACHED
+            else row
+        )
     return sorted(out, key=lambda r: (r.rotary.module, r.rotary.name))
 
 
-def patch_class(cls: type) -> ClassStatus:
+def patch_class(cls: type[torch.nn.Module]) -> ClassStatus:
     """Patch one rotary class that patching does not find by itself (a
     subclass defined by your code, a model loaded from elsewhere), under the
     settings in effect. Idempotent.

@@ -90,7 +90,8 @@ def _handler_starts(code) -> list[int] | None:
     if not hasattr(code, "co_exceptiontable"):
         return []
     try:
-        return [entry.start for entry in dis.Bytecode(code).exception_entries]
+        # typeshed does not declare Bytecode.exception_entries (3.11+, undocumented)
+        return [entry.start for entry in dis.Bytecode(code).exception_entries]  # type: ignore[attr-defined]
     except AttributeError:
         return None
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from rope_patch.cache.forms import AxesForm, PlanarForm, PrefixForm
@@ -77,6 +79,8 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
             positions.
     """
     device = x.device
+    form_class: type[PrefixForm | AxesForm | PlanarForm]
+    index: int | torch.Tensor  # seq_len, or position_ids
     if prefix:
         form_class, index = PrefixForm, size
     elif axes:
@@ -95,7 +99,7 @@ def build_table(module, forward, x, extra: tuple, size: int, bound_check: bool, 
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     except Exception as error:
-        shown = f"seq_len={size}" if prefix else f"{tuple(index.shape)} arange positions"
+        shown = f"seq_len={size}" if prefix else f"{tuple(cast(torch.Tensor, index).shape)} arange positions"
         raise NotCacheable(f"forward on {shown} raised {error!r}") from error
     finally:
         changed = _restore(module, before)
@@ -150,13 +154,13 @@ def split_outputs(out):
 def _own_cache(module, outputs) -> str | None:
     """The names of the module tensors outputs are views of (a forward that
     slices its own ``cos_cached``), ", "-joined, or None."""
-    storages = {}
+    storages: dict[int, str] = {}
     for name, value in {**vars(module), **module._buffers}.items():
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
             storages[value.untyped_storage().data_ptr()] = name
     names = {storages.get(tensor.untyped_storage().data_ptr()) for tensor in outputs if tensor.device.type != "meta"}
     names.discard(None)
-    return ", ".join(sorted(names)) if names else None
+    return ", ".join(sorted(cast("set[str]", names))) if names else None
 
 
 def _snapshot(module) -> tuple[dict, ...]:

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import weakref
+from typing import cast
 
 from rope_patch import settings as settings_module
 from rope_patch.cache import bounds, rule, shared
@@ -283,7 +284,8 @@ class _Call:
     def __init__(self, module, x, position_ids, extra, forward):
         self.module, self.x, self.position_ids, self.extra = module, x, position_ids, extra
         self.forward = forward
-        self.limit = None
+        #: the largest table size for this call, set by _answer before any table is adopted or built
+        self.limit: int | None = None
 
     def compute(self):
         """The unpatched result of this call (for a changing rope type, after
@@ -404,7 +406,7 @@ def _adopt(state: ModuleState, call: _Call, key, needed: int):
             bound_check, form_class,
         )  # fmt: skip
 
-    return shared.adopt(call.module, shared.FORWARD, key, needed, call.limit, make)
+    return shared.adopt(call.module, shared.FORWARD, key, needed, cast(int, call.limit), make)
 
 
 def _build(state: ModuleState, call: _Call, needed: int, adopt=None):
@@ -432,12 +434,13 @@ def _build(state: ModuleState, call: _Call, needed: int, adopt=None):
             except NotCacheable as error:
                 raise NotCacheable(f"{planar_error}; from {axes}-axis positions: {error}") from error
 
-    presize = min(state.presize, call.limit) if state.presize is not None else None
-    size = table_size(needed, call.limit, presize)
+    limit = cast(int, call.limit)  # set by _answer before building
+    presize = min(state.presize, limit) if state.presize is not None else None
+    size = table_size(needed, limit, presize)
     try:
         return attempt(size)
     except NotCacheable as error:
-        problem = error
+        problem: NotCacheable | str = error
     # If the call itself raises, that exception propagates and nothing is
     # disabled.
     call.compute()

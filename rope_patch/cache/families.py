@@ -36,6 +36,11 @@ nothing (the state already is what the call's positions select). What a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def _noop_forward(self, x, position_ids, *args, **kwargs):
     return None
@@ -101,7 +106,8 @@ def longrope_threshold(module, layer_type) -> int:
     return config.max_position_embeddings
 
 
-_UPDATE = []
+#: [transformers' update alone (see _update_only), or None], once made.
+_UPDATE: list[Callable[..., None] | None] = []
 
 
 def _update_only():

@@ -108,7 +108,7 @@ def make_forward(original):
     reached a rebuild says so (OWN_CACHE)."""
     from rope_patch.forward import _mark, _wraps
 
-    retired = []
+    retired: list[bool] = []  # non-empty once retired (rope_patch.forward.retire)
     states = engine.states
 
     @functools.wraps(original)
@@ -135,7 +135,7 @@ def make_method(original):
     runs ``original``."""
     from rope_patch.forward import _mark, _wraps
 
-    retired = []
+    retired: list[bool] = []  # non-empty once retired (rope_patch.forward.retire)
     states = engine.states
     hooks = getattr(torch.nn.modules.module, "_global_buffer_registration_hooks", {})
 
@@ -254,7 +254,7 @@ class Program:
         out = {}
         for entry in self.entries:
             if entry.kind == SEQ_LEN:
-                value = seq_len
+                value: object = seq_len
             elif entry.kind == ROWS:
                 value = columns[entry.column].narrow(entry.dim, 0, seq_len).clone(memory_format=_CONTIGUOUS)
             elif isinstance(entry.value, _Tensor):
@@ -275,8 +275,8 @@ class Program:
             containers[in_buffers][key] = seq_len
         for in_buffers, key, value in self.copies:
             containers[in_buffers][key] = value.clone(memory_format=_CONTIGUOUS)
-        for in_buffers, key, value in self.constants:
-            containers[in_buffers][key] = value
+        for in_buffers, key, constant in self.constants:
+            containers[in_buffers][key] = constant
         if self.persistent or self.nonpersistent:
             names = state["_non_persistent_buffers_set"]
             names.difference_update(self.persistent)
@@ -448,6 +448,8 @@ def build(module, original, device, dtype, size: int) -> Table:
     if before.changed_in_place():
         raise NotCacheable(f"its cache rebuild ({METHOD}) changes tensors of the module in place")
     written = sorted(set(before.written_since(first)) | set(first.written_since(second)))
+    entries: list[Entry]
+    columns: list[torch.Tensor]
     entries, columns = [], []
     for where, key in written:
         if where == "parameter":
@@ -499,10 +501,10 @@ def _probe(module, original, program: Program, table: Table, device, dtype, lear
             value = values[(entry.where, entry.key)]
             problem = _value_difference(after.get(entry.where, entry.key), value)
             if problem is not None:
-                learnt = "the first rows of" if entry.kind == ROWS else "what it is for"
+                whose = "the first rows of" if entry.kind == ROWS else "what it is for"
                 raise NotElementwise(
                     f"its cache rebuild ({METHOD}) is not position-elementwise: {entry.key} for seq_len={n} is not "
-                    f"{learnt} seq_len={table.size} ({problem})"
+                    f"{whose} seq_len={table.size} ({problem})"
                 )
 
 

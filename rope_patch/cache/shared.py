@@ -65,7 +65,7 @@ class Group:
 
 _lock = threading.Lock()
 #: (kind, class, table key) -> groups, newest last
-_groups: dict[tuple, list[weakref.ref]] = {}
+_groups: dict[tuple, list[weakref.ref[Group]]] = {}
 
 
 def _containers(module) -> dict[str, dict]:
@@ -120,11 +120,11 @@ def adopt(module, kind: str, key, needed: int, limit: int, make):
     """
     with _lock:
         candidates = [ref() for ref in _groups.get((kind, type(module), key), ())]
-    candidates = [g for g in candidates if g is not None and needed <= g.size <= limit]
-    if not candidates:
+    covering = [g for g in candidates if g is not None and needed <= g.size <= limit]
+    if not covering:
         return None
     containers = _containers(module)
-    for group in sorted(candidates, key=lambda g: -g.size):
+    for group in sorted(covering, key=lambda g: -g.size):
         watch = _watch_for(group, containers)
         if watch is None:
             continue

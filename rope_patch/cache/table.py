@@ -3,9 +3,14 @@ for one (device, dtype, key arguments) and one frequency state."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from rope_patch.cache.watch import Watch
+
+if TYPE_CHECKING:
+    from rope_patch.cache.shared import Group
 
 #: position_ids dtypes a table answers (those torch.embedding takes).
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -75,8 +80,8 @@ class Table:
         self.forms: dict = {}
         self.bound_check = bound_check
         self.top_from = 0
-        self.owner = None
-        self.shared = None
+        self.owner: int | None = None
+        self.shared: Group | None = None
 
     @property
     def watch(self) -> Watch:

@@ -36,10 +36,22 @@ import copy
 import threading
 import types
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
 from rope_patch.identity import bits
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    #: Where a read value lives: a module's ``__dict__``, ``_buffers`` or
+    #: ``_parameters``, or a config's ``__dict__``.
+    _Container = dict[str, Any]
+    #: Watch.tensors entries: (container, key, tensor, version, address).
+    _TensorRead = tuple[_Container, str, torch.Tensor, int, int]
+    #: Watch.inference entries: (container, key, tensor, address, snapshot).
+    _InferenceRead = tuple[_Container, str, torch.Tensor, int, torch.Tensor]
 
 _MISSING = object()
 #: Marks a value whose identity is enough (immutable).
@@ -112,6 +124,8 @@ class Watch:
         """A Watch of the module's current objects when their values equal
         the recorded ones (bit for bit), else None. Used on the slow path
         after :meth:`holds` failed."""
+        tensors: list[_TensorRead]
+        inference: list[_InferenceRead]
         tensors, inference = [], []
         for container, key, tensor, *_ in (*self.tensors, *self.inference):
             current = container.get(key)
@@ -157,7 +171,7 @@ def _one_buffer_check(watch: Watch):
     return holds
 
 
-def _arm_tensor(container, key, tensor, tensors: list, inference: list) -> None:
+def _arm_tensor(container, key, tensor, tensors: list[_TensorRead], inference: list[_InferenceRead]) -> None:
     if tensor.is_inference():
         inference.append((container, key, tensor, tensor.data_ptr(), bits(tensor).clone()))
     else:
@@ -219,6 +233,10 @@ class Recorder:
         Unwatchable naming the first read that cannot be watched."""
         if self.problem is not None:
             raise Unwatchable(self.problem)
+        tensors: list[_TensorRead]
+        inference: list[_InferenceRead]
+        values: list[tuple[_Container, str, object, object]]
+        snapshots: dict[int, torch.Tensor]
         tensors, inference, values, snapshots = [], [], [], {}
         for container, key, label in self.reads.values():
             value = container.get(key, _MISSING)
@@ -311,7 +329,9 @@ class _ConfigReads:
         object.__setattr__(self, "_recorder", recorder)
         object.__setattr__(self, "_label", label)
 
-    @property
+    # isinstance() sees the config's class: a read-only property standing in
+    # for object's writable __class__ is the point.
+    @property  # type: ignore[misc]
     def __class__(self):
         return type(object.__getattribute__(self, "_config"))
 
@@ -343,14 +363,14 @@ class _ConfigReads:
 
 #: id(module) -> its Recorder, while one runs.
 _active: dict[int, Recorder] = {}
-_recording_classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_recording_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 
 def _recording_class(cls: type) -> type:
     """``cls`` with attribute reads recorded for modules being recorded."""
-    recording = _recording_classes.get(cls)
-    if recording is not None:
-        return recording
+    known = _recording_classes.get(cls)
+    if known is not None:
+        return known
     fallback_getattr = getattr(cls, "__getattr__", None)
 
     def _note(self, name, value):
@@ -375,7 +395,7 @@ def _recording_class(cls: type) -> type:
             raise
         return _note(self, name, value)
 
-    recording = type(
+    recording: type[Any] = type(  # a subclass of cls, made here
         cls.__name__,
         (cls,),
         {

@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import sys
+from typing import cast
 
 import click
 
@@ -132,7 +133,9 @@ def model_modules(config, source: ModelSource, trust_remote_code: bool) -> list:
         if not class_name:
             continue
         try:
-            cls = getattr(transformers, class_name)
+            # MODEL_MAPPING_NAMES values are typed Sequence[str]: a class name, or
+            # (funnel alone) a tuple of names, which getattr refuses (TypeError).
+            cls = getattr(transformers, class_name)  # type: ignore[call-overload]
         except (AttributeError, ImportError):
             continue
         modules.append(importlib.import_module(cls.__module__))
@@ -177,7 +180,8 @@ def check_model(
     findings = []
     for rotary, held in model_rotaries(config, source, trust_remote_code, [] if notes is None else notes):
         rope_patch.patch_class(rotary.cls)  # remote code loaded just now, or a class the hooks missed
-        decision = classify(rotary, settings_module.active)
+        # patch_class() above raised unless patching is active
+        decision = classify(rotary, cast(settings_module.Settings, settings_module.active))
         finding = Finding(rotary.name, rotary.module, str(decision.status), decision.reason)
         finding.held = None if held is None else list(held.paths)
         findings.append(finding)

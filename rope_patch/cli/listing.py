@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -32,6 +33,9 @@ from rope_patch.cli._common import (
 )
 from rope_patch.status import ClassStatus, Status, classify
 
+if TYPE_CHECKING:
+    from rope_patch.discovery import RotaryClass
+
 STATUSES = tuple(status.value for status in Status)
 #: ``--verify`` results, in the CHECK column.
 VERIFIED, MISMATCH, NOT_VERIFIED = "identical", "MISMATCH", "not verified"
@@ -48,7 +52,7 @@ class Row:
         check: with ``--verify``, for cached classes: VERIFIED, MISMATCH or NOT_VERIFIED.
     """
 
-    rotary: object
+    rotary: RotaryClass
     status: Status
     reason: str
     check: str | None = None

@@ -68,12 +68,12 @@ def _config_base() -> type:
     return PretrainedConfig
 
 
-def _is_config_class(obj) -> bool:
+def _is_config_class(obj) -> typing.TypeGuard[type]:
     """Whether ``obj`` is a concrete transformers config class."""
     return isinstance(obj, type) and issubclass(obj, _config_base()) and obj is not _config_base()
 
 
-def _init_parameters(cls: type) -> list[inspect.Parameter]:
+def _init_parameters(cls: type[torch.nn.Module]) -> list[inspect.Parameter]:
     """The ``__init__`` parameters after ``self``, without ``*args``/``**kwargs``
     (nothing generic can be passed there)."""
     try:
@@ -113,7 +113,7 @@ def _is_config_parameter(param: inspect.Parameter, namespace: dict) -> bool:
     )
 
 
-def wanted_config_classes(cls: type) -> list[type]:
+def wanted_config_classes(cls: type[torch.nn.Module]) -> list[type]:
     """The config classes the rotary ``__init__`` is annotated with."""
     namespace = vars(sys.modules[cls.__module__])
     wanted: list[type] = []
@@ -299,7 +299,7 @@ class _NoValue(Exception):
     """A required constructor parameter has no source in this config."""
 
 
-def constructor_arguments(cls: type, config, device) -> dict:
+def constructor_arguments(cls: type[torch.nn.Module], config, device) -> dict:
     """Keyword arguments for ``cls(**kwargs)`` from one config.
 
     Args:
@@ -412,7 +412,7 @@ def with_matching_mrope_section(instance: torch.nn.Module):
     weights = list(section or [1, 1, 1])
     parts = [count * weight // sum(weights) for weight in weights[:-1]]
     section = [*parts, count - sum(parts)]
-    repaired = copy.deepcopy(config)
+    repaired = copy.deepcopy(typing.cast(typing.Any, config))  # not None: its rope_parameters is a dict
     repaired.rope_parameters = dict(parameters, mrope_section=section)
     return repaired, section
 

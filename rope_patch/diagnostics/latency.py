@@ -44,7 +44,7 @@ class LatencyRow:
     """Per-call latency of one shape, in microseconds (medians of the blocks).
 
     Attributes:
-        shape: (batch, seq) of ``position_ids``.
+        shape: (batch, seq) of ``position_ids``, or (axes, batch, seq).
         unpatched_us, patched_us: the original and the installed forward.
         floor_us: the bare lookups on the same tables (None: no such floor).
         disabled_us: the patched forward inside ``rope_patch.disabled()``
@@ -55,7 +55,7 @@ class LatencyRow:
         clock: ``"thread CPU time"`` (one CPU thread) or ``"wall"``.
     """
 
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     unpatched_us: float
     patched_us: float
     floor_us: float | None = None
@@ -214,7 +214,7 @@ def ensure_patched(**kwargs):
 _UNPATCHED_CLASSES: dict[type, type] = {}
 
 
-def unpatched_class(cls: type) -> type:
+def unpatched_class(cls: type[torch.nn.Module]) -> type:
     """A subclass of ``cls`` whose ``forward`` is the original function.
 
     Setting an instance's ``__class__`` to it runs the exact original forward
@@ -276,7 +276,7 @@ def shape_name(shape: tuple[int, ...]) -> str:
 def measure(
     module: torch.nn.Module,
     dtype: torch.dtype = torch.bfloat16,
-    shapes: Iterable[tuple[int, int]] = DEFAULT_SHAPES,
+    shapes: Iterable[tuple[int, ...]] = DEFAULT_SHAPES,
     *,
     device=None,
     hidden: int = 128,
@@ -299,7 +299,7 @@ def measure(
     Args:
         module: a built rotary module (its class patched by rope_patch).
         dtype: activation dtype ``x`` is called with.
-        shapes: (batch, seq) of position_ids (see :func:`position_ids_for`).
+        shapes: (batch, seq), or (axes, batch, seq), of position_ids (see :func:`position_ids_for`).
         device: where ``x`` and the positions live (default: the module's).
         hidden: last dimension of ``x`` (rotary forwards read only its
             device and dtype).
@@ -363,7 +363,7 @@ def measure(
                 raise RuntimeError(f"{label} {shape} {dtype}: not answered from tables: {why}")
             floor = _floor(module, x, positions, layer_type, expected)
             if call == "module":
-                variants = {"unpatched": (module, args), "patched": (module, args)}
+                variants: dict[str, tuple[Callable, tuple]] = {"unpatched": (module, args), "patched": (module, args)}
                 if floor is not None:
                     variants["floor"] = (floor, (x, positions))
             else:

@@ -38,7 +38,7 @@ class Held:
         arguments: ``(args, kwargs)`` of the first instance's ``__init__``, or None.
     """
 
-    cls: type
+    cls: type[torch.nn.Module]
     paths: list[str]
     arguments: tuple | None = None
 
@@ -97,7 +97,9 @@ def model_class(config, source: ModelSource, trust_remote_code: bool):
     import transformers
 
     try:
-        return getattr(transformers, class_name)
+        # MODEL_MAPPING_NAMES values are typed Sequence[str]: a class name, or
+        # (funnel alone) a tuple of names, which getattr refuses (TypeError).
+        return getattr(transformers, class_name)  # type: ignore[call-overload]
     except (AttributeError, ImportError):
         return None
 
@@ -147,8 +149,9 @@ def _recorded_arguments(cls, config, classes: list[type]) -> dict[type, tuple]:
 
         return __init__
 
+    # Wrapping each class's own __init__ for the second build is the point.
     for kind in classes:
-        kind.__init__ = recording(kind, kind.__init__)
+        kind.__init__ = recording(kind, kind.__init__)  # type: ignore[misc]
     try:
         _meta_model(cls, config)
     except SkeletonError:
@@ -156,7 +159,7 @@ def _recorded_arguments(cls, config, classes: list[type]) -> dict[type, tuple]:
     finally:
         for kind, init in saved.items():
             if init is None:
-                del kind.__init__
+                del kind.__init__  # type: ignore[misc]
             else:
-                kind.__init__ = init
+                kind.__init__ = init  # type: ignore[misc]
     return first

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import typing
 
 import torch
 
@@ -310,7 +311,8 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
         return None
     try:
         built = build_instance(rotary, device)
-        dim = built.module.inv_freq.numel()
+        # a buffer (nn.Module.__getattr__ is typed Tensor | Module)
+        dim = typing.cast(torch.Tensor, built.module.inv_freq).numel()
         config = with_rope_type(built.module.config, rope_type, dim)
         pair = [rotary.cls(**constructor_arguments(rotary.cls, config, device)).to(device).eval() for _ in range(2)]
     except Exception:  # noqa: BLE001 - not buildable with this rope type: not applicable

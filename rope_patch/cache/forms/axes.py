@@ -130,7 +130,9 @@ class AxesForm:
                 return planar.lookup(module, x, position_ids)
             return self.table.pack([_embedding(column, position_ids) for column in self.table.columns])
         out = []
-        for view, keep, column in zip(self.bits, self.keep, self.table.columns, strict=False):
+        # bits and keep are tuples whenever maps is not None (__init__): nothing
+        # on this per-call path checks it again for mypy.
+        for view, keep, column in zip(self.bits, self.keep, self.table.columns, strict=False):  # type: ignore[arg-type]
             rows = _embedding(view, position_ids)  # a fresh tensor: masked in place
             rows.bitwise_and_(keep)  # each column: its axis's bits, else 0
             out.append(rows.sum(0, dtype=view.dtype).view(column.dtype))

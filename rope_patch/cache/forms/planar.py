@@ -6,6 +6,8 @@ gives one ``(1, size, ...)`` output per column.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 
 from rope_patch.cache.numerics import exact_numerics
@@ -17,6 +19,10 @@ _embedding = torch.embedding
 LAYOUT_MEMO_LIMIT = 64
 #: A remembered layout that is what a plain gather gives: no copy needed.
 _PLAIN = object()
+
+if TYPE_CHECKING:
+    #: (shape, strides) of position_ids -> the output strides, or _PLAIN.
+    _Layouts = dict[tuple[torch.Size, tuple[int, ...]], object]
 
 
 class PlanarForm:
@@ -39,7 +45,7 @@ class PlanarForm:
     def __init__(self, table, forward, extra: tuple):
         self.table = table
         self.verified = False
-        self.layouts = None
+        self.layouts: _Layouts | None = None
         self.forward = forward
         self.extra = extra
         #: (cos, sin) when a call is exactly two plain gathers.
@@ -84,13 +90,14 @@ class PlanarForm:
         positions, the usual case); later calls gather and copy into that
         layout."""
         if strides is None:
+            layouts = cast("_Layouts", self.layouts)  # not None: lookup() came here through it
             with exact_numerics(x.device.type):
                 out = self.forward(module, x, position_ids, *self.extra)
-            if len(self.layouts) >= LAYOUT_MEMO_LIMIT:
-                self.layouts.clear()
+            if len(layouts) >= LAYOUT_MEMO_LIMIT:
+                layouts.clear()
             learnt = tuple(t.stride() for t in ((out,) if self.table.container is None else out))
             plain = tuple(_embedding(column, position_ids).stride() for column in self.table.columns)
-            self.layouts[key] = _PLAIN if learnt == plain else learnt
+            layouts[key] = _PLAIN if learnt == plain else learnt
             return out
         out = []
         for column, stride in zip(self.table.columns, strides, strict=False):
