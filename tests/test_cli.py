@@ -565,3 +565,12 @@ def test_a_hub_model_id_that_cannot_be_had_offline_is_named_with_the_reason(offl
 def test_revision_is_for_hub_ids(model_folders):
     result = invoke("check", str(model_folders / "qwen3"), "--revision", "main")
     assert result.exit_code == 2 and "--revision is for Hub model ids" in result.stderr
+
+
+def test_a_model_type_mapped_to_several_classes_has_a_model_class():
+    # transformers maps funnel to (FunnelModel, FunnelBaseModel): a tuple of names, not one.
+    import transformers
+
+    from rope_patch.diagnostics.skeleton import ModelSource, model_class
+
+    assert model_class(transformers.FunnelConfig(), ModelSource("unused"), False) is transformers.FunnelModel

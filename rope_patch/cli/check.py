@@ -23,7 +23,7 @@ import importlib
 import json
 import os
 import sys
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
@@ -37,8 +37,10 @@ from rope_patch.cli._common import (
     quiet,
     torch_dtype,
 )
-from rope_patch.diagnostics.skeleton import ModelSource
 from rope_patch.status import Status, classify
+
+if TYPE_CHECKING:
+    from rope_patch.diagnostics.skeleton import ModelSource
 
 #: The variables that switch Hugging Face Hub access off.
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -84,9 +86,9 @@ def load_config(model: str, trust_remote_code: bool, revision: str | None = None
             raise click.BadParameter(f"{model} is a local path: --revision is for Hub model ids", param_hint="MODEL")
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
             raise click.BadParameter(f"{model}: no config.json in this folder", param_hint="MODEL")
-        source = ModelSource(model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model)))
+        source = _source(model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model)))
     elif model.count("/") <= 1 and not model.startswith((".", "/", "~")) and not model.endswith(".json"):
-        source = ModelSource(model, revision)
+        source = _source(model, revision)
     else:
         raise click.BadParameter(f"{model}: no such file or folder (nor a Hub model id)", param_hint="MODEL")
     try:
@@ -107,6 +109,12 @@ def load_config(model: str, trust_remote_code: bool, revision: str | None = None
     return config, source
 
 
+def _source(location: str, revision: str | None = None) -> ModelSource:
+    from rope_patch.diagnostics.skeleton import ModelSource  # imports torch: not for `rope-patch info`
+
+    return ModelSource(location, revision)
+
+
 def _offline() -> bool:
     """Hub access is off (HF_HUB_OFFLINE, or transformers' older TRANSFORMERS_OFFLINE)."""
     return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_VARIABLES)
@@ -114,9 +122,8 @@ def _offline() -> bool:
 
 def model_modules(config, source: ModelSource, trust_remote_code: bool) -> list:
     """The modules that define the model of ``config`` and of its sub-configs."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
     from rope_patch.diagnostics.instances import config_family
+    from rope_patch.diagnostics.skeleton import base_model_class
 
     modules = []
     family, _ = config_family(config)
@@ -126,19 +133,11 @@ def model_modules(config, source: ModelSource, trust_remote_code: bool) -> list:
             if isinstance(reference, str) and reference.split(".")[0].startswith("modeling"):
                 cls = source.remote_class(reference)
                 modules.append(sys.modules[cls.__module__])
-    import transformers
 
     for member in family:
-        class_name = MODEL_MAPPING_NAMES.get(getattr(member, "model_type", None) or "")
-        if not class_name:
-            continue
-        try:
-            # MODEL_MAPPING_NAMES values are typed Sequence[str]: a class name, or
-            # (funnel alone) a tuple of names, which getattr refuses (TypeError).
-            cls = getattr(transformers, class_name)  # type: ignore[call-overload]
-        except (AttributeError, ImportError):
-            continue
-        modules.append(importlib.import_module(cls.__module__))
+        cls = base_model_class(getattr(member, "model_type", None))
+        if cls is not None:
+            modules.append(importlib.import_module(cls.__module__))
     return list({id(module): module for module in modules}.values())
 
 

@@ -89,17 +89,21 @@ def model_class(config, source: ModelSource, trust_remote_code: bool):
             reference = auto_map[name]
             if isinstance(reference, str) and name not in NOT_MODELS:
                 return source.remote_class(reference)
+    return base_model_class(getattr(config, "model_type", None))
+
+
+def base_model_class(model_type: str | None):
+    """transformers' base model class for ``model_type``, or None."""
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    class_name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
-    if not class_name:
+    names = MODEL_MAPPING_NAMES.get(model_type or "")
+    if not names:
         return None
-    import transformers
-
+    # A class name, or (Funnel) a tuple of them: the first is the model's own.
+    name = names if isinstance(names, str) else names[0]
     try:
-        # MODEL_MAPPING_NAMES values are typed Sequence[str]: a class name, or
-        # (funnel alone) a tuple of names, which getattr refuses (TypeError).
-        return getattr(transformers, class_name)  # type: ignore[call-overload]
+        return getattr(transformers, name)
     except (AttributeError, ImportError):
         return None
 
