@@ -128,7 +128,7 @@ def run_contract() -> dict:
     mismatches, not_built = {}, {}
     for rotary, result in outcomes.items():
         if result.status is not Status.UNSUPPORTED and not result.built:
-            not_built[rotary.name] = result.reason.split("\n")[0][:300]
+            not_built[rotary.name] = " ".join(result.reason.split())[:300]
         if result.problems:
             mismatches[rotary.name] = "; ".join(result.problems)[:300]
     checked = 0
