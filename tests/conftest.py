@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 import rope_patch
 from rope_patch import settings
@@ -44,6 +45,33 @@ def unpatched(module, *args):
     rope_patch.disabled())."""
     with rope_patch.disabled():
         return module(*args)
+
+
+def unpatched_or_skip(feature, run):
+    """``run()``, the unpatched path of a torch or transformers feature a test
+    exercises (compile, export, ONNX, continuous batching, ...), called with
+    nothing patched; its result is returned (tests use it as their
+    reference). Where the feature fails even so, the installed torch or
+    transformers cannot do it and the test is skipped with that reason and
+    the versions: a test of rope_patch under that feature would prove
+    nothing there. Only the unpatched path is judged, so a skip never hides
+    a plugin failure: once it works, the test runs as before.
+
+    Args:
+        feature: what is exercised, for the skip reason.
+        run: the unpatched path; it builds what it needs.
+    """
+    assert not rope_patch.is_patched(), "call unpatched_or_skip before patching: only the unpatched path is judged"
+    try:
+        return run()
+    except Exception as error:  # any failure of the unpatched path: the feature is missing here
+        first_line = (str(error).strip().splitlines() or [""])[0][:160].rstrip(" {(")
+        reason = (
+            f"{feature} fails unpatched on torch {torch.__version__} + transformers {transformers.__version__}: "
+            f"{type(error).__name__}: {first_line}"
+        )
+        # Reported at the test's own location, as a skipif mark is, not at this line.
+        raise pytest.skip.Exception(reason, _use_item_location=True) from error
 
 
 def assert_identical(expected, actual):

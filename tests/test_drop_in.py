@@ -28,7 +28,7 @@ import transformers
 import rope_patch
 from rope_patch.identity import difference
 from tests import models
-from tests.conftest import answered, assert_identical, subprocess_env, unpatched
+from tests.conftest import answered, assert_identical, subprocess_env, unpatched, unpatched_or_skip
 from tests.models import llama_config, llama_rotary, transformers_major
 
 
@@ -304,10 +304,12 @@ def positions_beyond_the_table():
     return torch.arange(100, 140)[None]
 
 
-def test_6_jit_trace_after_a_call_and_without_one(patched):
+def test_6_jit_trace_after_a_call_and_without_one():
+    x = torch.randn(1, 40, 64)
+    unpatched_or_skip("torch.jit.trace", lambda: torch.jit.trace(llama_rotary(), (x, torch.arange(40)[None])))
+    assert rope_patch.patch()
     for warm_up in (True, False):
         module = llama_rotary()
-        x = torch.randn(1, 40, 64)
         if warm_up:
             module(x, torch.arange(40)[None])  # a 64-position table exists
         traced = torch.jit.trace(module, (x, torch.arange(40)[None]), check_trace=False)
@@ -333,31 +335,51 @@ def onnx_outputs(module, x, positions, path, dynamo):
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
-def test_6_onnx_export_is_the_unpatched_graph(patched, tmp_path, dynamo):
+def test_6_onnx_export_is_the_unpatched_graph(tmp_path, dynamo):
     pytest.importorskip("onnx")
     module = llama_rotary()
     x = torch.randn(1, 40, 64)
-    module(x, torch.arange(40)[None])  # a 64-position table exists
     beyond = positions_beyond_the_table()
+    exporter = f"torch.onnx.export({'dynamo=True, dynamic_shapes' if dynamo else 'dynamo=False, dynamic_axes'})"
+    reference = unpatched_or_skip(
+        exporter, lambda: onnx_outputs(module, x, beyond, tmp_path / "unpatched.onnx", dynamo)
+    )
+    assert rope_patch.patch()
+    module(x, torch.arange(40)[None])  # a 64-position table exists
     patched_run = onnx_outputs(module, x, beyond, tmp_path / "patched.onnx", dynamo)
-    with rope_patch.disabled():
-        reference = onnx_outputs(module, x, beyond, tmp_path / "unpatched.onnx", dynamo)
     for want, got in zip(reference, patched_run):
         assert (want == got).all()
 
 
-def test_6_make_fx_and_torch_export_trace_the_original(patched):
+def test_6_make_fx_traces_the_original():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     module = llama_rotary()
     x = torch.randn(1, 40, 64)
-    module(x, torch.arange(40)[None])
     beyond = positions_beyond_the_table()
-    # A two-argument function: make_fx traces every parameter of the forward it is given.
-    graph = make_fx(lambda x, p: module(x, p))(x, torch.arange(40)[None])  # noqa: PLW0108
-    assert_identical(unpatched(module, x, beyond), graph(x, beyond))
-    exported = torch.export.export(module, (x, torch.arange(40)[None])).module()
-    assert_identical(unpatched(module, x, beyond), exported(x, beyond))
+
+    def trace():
+        # A two-argument function: make_fx traces every parameter of the forward it is given.
+        return make_fx(lambda x, p: module(x, p))(x, torch.arange(40)[None])  # noqa: PLW0108
+
+    unpatched_or_skip("make_fx", lambda: trace()(x, beyond))
+    assert rope_patch.patch()
+    module(x, torch.arange(40)[None])
+    assert_identical(unpatched(module, x, beyond), trace()(x, beyond))
+
+
+def test_6_torch_export_traces_the_original():
+    module = llama_rotary()
+    x = torch.randn(1, 40, 64)
+    beyond = positions_beyond_the_table()
+
+    def export():
+        return torch.export.export(module, (x, torch.arange(40)[None])).module()
+
+    unpatched_or_skip("torch.export.export", lambda: export()(x, beyond))
+    assert rope_patch.patch()
+    module(x, torch.arange(40)[None])
+    assert_identical(unpatched(module, x, beyond), export()(x, beyond))
 
 
 def test_6_dispatch_modes_observe_the_original_ops(patched):
@@ -386,32 +408,32 @@ def test_6_dispatch_modes_observe_the_original_ops(patched):
     assert_identical(unpatched(module, x, positions), out)
 
 
-def test_7_vmap_over_position_ids(patched):
+def test_7_vmap_over_position_ids():
     module = llama_rotary()
     x = torch.randn(1, 6, 64)
-    module(x, torch.arange(6)[None])
     batched = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 70, 700, 1, 1, 9]])
-    with rope_patch.disabled():
-        expected = torch.func.vmap(lambda p: module(x, p[None]))(batched)
+    expected = unpatched_or_skip("torch.func.vmap", lambda: torch.func.vmap(lambda p: module(x, p[None]))(batched))
+    assert rope_patch.patch()
+    module(x, torch.arange(6)[None])
     assert_identical(expected, torch.func.vmap(lambda p: module(x, p[None]))(batched))
 
 
-def test_7_grad_of_functional_call_with_replaced_inv_freq(patched):
+def test_7_grad_of_functional_call_with_replaced_inv_freq():
     module = llama_rotary()
     x, positions = torch.randn(1, 4, 64), torch.tensor([[0, 7, 70, 700]])
-    module(x, positions)
 
     def loss(inv_freq):
         cos, sin = torch.func.functional_call(module, {"inv_freq": inv_freq}, (x, positions))
         return cos.sum() + sin.sum()
 
     frequencies = module.inv_freq.clone() * 1.5
-    with rope_patch.disabled():
-        expected = torch.func.grad(loss)(frequencies)
-    assert_identical(expected, torch.func.grad(loss)(frequencies))
-    with rope_patch.disabled():  # and a plain functional_call (no transform)
-        expected = torch.func.functional_call(module, {"inv_freq": frequencies}, (x, positions))
-    assert_identical(expected, torch.func.functional_call(module, {"inv_freq": frequencies}, (x, positions)))
+    expected_grad = unpatched_or_skip("torch.func.grad of functional_call", lambda: torch.func.grad(loss)(frequencies))
+    # and a plain functional_call (no transform)
+    expected_call = torch.func.functional_call(module, {"inv_freq": frequencies}, (x, positions))
+    assert rope_patch.patch()
+    module(x, positions)
+    assert_identical(expected_grad, torch.func.grad(loss)(frequencies))
+    assert_identical(expected_call, torch.func.functional_call(module, {"inv_freq": frequencies}, (x, positions)))
     assert_identical(unpatched(module, x, positions), module(x, positions))  # the module's own buffer again
 
 

@@ -207,7 +207,8 @@ class SelectingRotary(torch.nn.Module):
 
     def __init__(self, dim=16):
         super().__init__()
-        self.inv_freq = torch.nn.Buffer(1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        # register_buffer, not torch.nn.Buffer: the suite runs on torch 2.4 (Buffer is 2.5+).
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
         self.attention_scaling = 1.0
 
     def recompose(self, freqs):

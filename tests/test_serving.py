@@ -26,7 +26,7 @@ import transformers
 
 import rope_patch
 from tests import models
-from tests.conftest import cpu_threads
+from tests.conftest import cpu_threads, unpatched_or_skip
 
 V5 = models.transformers_major() >= 5
 NEW_TOKENS = 12
@@ -46,6 +46,9 @@ MODELS = {
 #: The paged attention implementations that continuous batching accepts on
 #: CPU: eager and SDPA (5.x switches "sdpa" to its paged form itself).
 ATTENTION = ["paged|eager", "sdpa"] if V5 else ["eager_paged", "sdpa_paged"]
+#: The feature, for conftest.unpatched_or_skip: each test's reference run is
+#: made first, unpatched, through it.
+BATCHING = "continuous batching (generate_batch) on CPU"
 
 
 def has_continuous_batching() -> bool:
@@ -190,7 +193,7 @@ def test_generate_batch_is_identical_and_answered_from_tables(model_type, attent
     recorder = Recorder(model)
     inputs = prompts()
 
-    reference = recorded_run(model, recorder, inputs)
+    reference = unpatched_or_skip(BATCHING, lambda: recorded_run(model, recorder, inputs))
     assert_packed(reference[1], inputs)
     # Unpatched, nothing is answered from tables: the check below can fail.
     assert not any(rope_patch.cache_info(rotary).answered for rotary in rotaries(model))
@@ -218,7 +221,7 @@ def test_generate_batch_with_the_model_excluded_is_not_answered():
     so the test above would fail if the plugin did not serve the calls."""
     model = build("llama", EAGER)
     inputs = prompts()
-    reference = generate_batch(model, inputs)
+    reference = unpatched_or_skip(BATCHING, lambda: generate_batch(model, inputs))
     assert rope_patch.patch(exclude=["llama"])
     assert generate_batch(model, inputs) == reference
     info = rope_patch.cache_info(rotaries(model)[0])

@@ -220,7 +220,8 @@ def test_a_forward_that_only_gathers_from_its_own_buffer_is_left_to_itself(patch
         def __init__(self):
             super().__init__()
             angles = torch.arange(512.0)[:, None] * torch.rand(8)
-            self.embed_positions = torch.nn.Buffer(torch.cat((angles.sin(), angles.cos()), dim=1), persistent=False)
+            sincos = torch.cat((angles.sin(), angles.cos()), dim=1)
+            self.register_buffer("embed_positions", sincos, persistent=False)  # torch.nn.Buffer is 2.5+
 
         def forward(self, x, position_ids):
             sincos = self.embed_positions[position_ids].to(x.dtype)
