@@ -7,6 +7,10 @@ outputs, and the module's whole state after it."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -280,3 +284,59 @@ def test_an_inline_rebuild_gets_a_true_reason(patched):
         "sin_cached); with fewer positions, the forward only gathers rows of its precomputed cos_cached, "
         "sin_cached: nothing to gain"
     ), reason
+
+
+# --------------------------------------------------------------------------
+# fork() and threads
+
+
+def run_in_fork(child) -> int:
+    """``child()`` (True when it passed) in a forked child; its exit code
+    (1: failed or raised, 2: deadlocked, killed after 60 s)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = child()
+        except BaseException:  # noqa: BLE001 - any failure is the child's answer
+            ok = False
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 2
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_fork_while_a_table_is_published_leaves_the_child_the_shared_tables_lock(patched_classes):
+    """rope_patch.cache.shared's lock, held by another thread (publishing or
+    adopting a table) at fork(), is the child's own: its first table build
+    does not wait forever."""
+    from rope_patch.cache import shared
+
+    holding, release = threading.Event(), threading.Event()
+
+    def holder():
+        with shared._lock:
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert holding.wait(10)
+
+        def child():
+            module, twin = DeepseekRotaryEmbedding(16), DeepseekRotaryEmbedding(16)
+            same_calls(module, twin, [5, 6])
+            return rope_patch.cache_info(module).answered
+
+        assert run_in_fork(child) == 0
+    finally:
+        release.set()
+        thread.join()
