@@ -19,6 +19,7 @@ from torch import nn
 import rope_patch
 from rope_patch.cache import engine
 from rope_patch.cache.rebuild import METHOD, OWN_CACHE
+from rope_patch.identity import difference
 from tests.conftest import assert_identical, module_state
 
 
@@ -287,6 +288,81 @@ def test_an_inline_rebuild_gets_a_true_reason(patched):
 
 
 # --------------------------------------------------------------------------
+# Whose state learning touches
+
+
+#: Set by a test: pauses OwnCacheRotaryEmbedding's rebuild of one position
+#: (only learning runs one) so that the test can look at the module then.
+GATE: dict = {}
+
+
+class OwnCacheRotaryEmbedding(nn.Module):
+    """InternLM2's: a cache built in __init__ for max_position_embeddings,
+    rebuilt by the forward only past it."""
+
+    def __init__(self, dim=16, max_position_embeddings=64, base=10000):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self._set_cos_sin_cache(seq_len=max_position_embeddings, device=self.inv_freq.device, dtype=torch.float32)
+
+    def _set_cos_sin_cache(self, seq_len, device, dtype):
+        self.max_seq_len_cached = seq_len
+        t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
+        emb = torch.cat((torch.outer(t, self.inv_freq),) * 2, dim=-1)
+        self.register_buffer("cos_cached", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_cached", emb.sin().to(dtype), persistent=False)
+        if seq_len == 1 and GATE and not GATE["reached"].is_set():
+            GATE["reached"].set()
+            GATE["release"].wait(30)
+
+    def forward(self, x, seq_len=None):
+        if seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len=seq_len, device=x.device, dtype=torch.float32)
+        return self.cos_cached[:seq_len].to(dtype=x.dtype), self.sin_cached[:seq_len].to(dtype=x.dtype)
+
+
+@pytest.fixture
+def paused_learning(patched):
+    """An OwnCacheRotaryEmbedding, its twin, and a thread whose call of 100
+    positions learns the rebuild, paused at its run of one position."""
+    rope_patch.patch_class(OwnCacheRotaryEmbedding)
+    module, twin = OwnCacheRotaryEmbedding(), OwnCacheRotaryEmbedding()
+    GATE.update(reached=threading.Event(), release=threading.Event())
+    long = torch.randn(1, 2, 100, 16)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(module(long, seq_len=100)))
+    thread.start()
+    try:
+        assert GATE["reached"].wait(30), "learning never ran the rebuild for one position"
+        yield module, twin, long, results
+    finally:
+        GATE["release"].set()
+        thread.join(60)
+        GATE.clear()
+
+
+def test_learning_never_changes_the_module_another_thread_uses(paused_learning):
+    """Learning runs the rebuild at sizes nobody asked for (here: one
+    position): on the live module, another thread's forward saw it shrunk
+    (max_seq_len_cached = 1) and rebuilt, or sliced one row. It learns on a
+    private copy: the module stays as unpatched leaves it throughout."""
+    module, twin, long, results = paused_learning
+    assert module_state(module) == module_state(twin)  # mid-learning, as before the call
+    short = torch.randn(1, 2, 8, 16)
+    with rope_patch.disabled():
+        expected = twin(short, seq_len=8)
+    assert_identical(expected, module(short, seq_len=8))  # the cache of __init__, not a lock wait
+    GATE["release"].set()
+    with rope_patch.disabled():
+        expected = twin(long, seq_len=100)
+    while not results:
+        time.sleep(0.01)
+    assert_identical(expected, results[0])
+    assert module_state(module) == module_state(twin)
+    assert rope_patch.cache_info(module).tables
+
+
+# --------------------------------------------------------------------------
 # fork() and threads
 
 
@@ -295,6 +371,9 @@ def run_in_fork(child) -> int:
     (1: failed or raised, 2: deadlocked, killed after 60 s)."""
     pid = os.fork()
     if pid == 0:
+        # One intra-op thread, as pytest-xdist's workers run (conftest): a
+        # child of a parent whose OpenMP pool is up cannot use another.
+        torch.set_num_threads(1)
         try:
             ok = child()
         except BaseException:  # noqa: BLE001 - any failure is the child's answer
@@ -340,3 +419,21 @@ def test_a_fork_while_a_table_is_published_leaves_the_child_the_shared_tables_lo
     finally:
         release.set()
         thread.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_fork_while_learning_leaves_the_child_the_module_as_it_was(paused_learning):
+    """The child of a fork() made while another thread learns has the
+    module as unpatched leaves it (not the probe's state), and its own first
+    rebuild works (the state's lock is the child's own)."""
+    module, twin, *_ = paused_learning
+
+    def child():
+        if module_state(module) != module_state(twin):
+            return False
+        x = torch.randn(1, 2, 90, 16)
+        with rope_patch.disabled():
+            expected = twin(x, seq_len=90)
+        return difference(expected, module(x, seq_len=90)) is None and module_state(module) == module_state(twin)
+
+    assert run_in_fork(child) == 0
