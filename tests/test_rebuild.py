@@ -288,7 +288,45 @@ def test_an_inline_rebuild_gets_a_true_reason(patched):
 
 
 # --------------------------------------------------------------------------
-# Whose state learning touches
+# What a rebuild reads, and whose state learning touches
+
+
+class Fp32RotaryEmbedding(nn.Module):
+    """Keeps its frequencies in fp32 after ``.to(bfloat16)``: the rebuild
+    reads inv_freq, then writes it back converted (Qwen3-VL-style)."""
+
+    def __init__(self, dim=16, base=10000):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.max_seq_len_cached = None
+
+    def _set_cos_sin_cache(self, seq_len, device, dtype):
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.inv_freq.float()
+        self.max_seq_len_cached = seq_len
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        emb = torch.cat((torch.outer(t, self.inv_freq),) * 2, dim=-1)
+        self.register_buffer("cos_cached", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_cached", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, x, seq_len=None):
+        if self.max_seq_len_cached is None or seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len=seq_len, device=x.device, dtype=x.dtype)
+        return self.cos_cached[:seq_len], self.sin_cached[:seq_len]
+
+
+def test_a_key_the_rebuild_reads_then_writes_is_watched_on_its_value_before_the_call(patched):
+    """inv_freq is read (its dtype, its values) before the rebuild writes
+    it: an input, not only an output. A new inv_freq must be seen (it was
+    dropped from the watch: the old tables answered, and wrote the old
+    inv_freq back over the user's)."""
+    rope_patch.patch_class(Fp32RotaryEmbedding)
+    module, twin = Fp32RotaryEmbedding().to(torch.bfloat16), Fp32RotaryEmbedding().to(torch.bfloat16)
+    same_calls(module, twin, [4, 5, 6, 9], torch.bfloat16)
+    assert rope_patch.cache_info(module).answered
+    for m in (module, twin):  # new frequencies, in the module's dtype again
+        m.inv_freq = (m.inv_freq * 0.25).bfloat16()
+    same_calls(module, twin, [10, 11, 30], torch.bfloat16)
 
 
 #: Set by a test: pauses OwnCacheRotaryEmbedding's rebuild of one position

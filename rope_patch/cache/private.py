@@ -12,11 +12,16 @@ or registers lands there only. Tensors are shared, not cloned (cloning
 would change their identity, grad and inference flags, which the rebuild
 may read): a rebuild that changes one in place is refused, but that change
 reaches the live tensor, as running it on the live module did.
+
+While learning, the copy's class is :func:`learning_class`'s subclass,
+which tells the rebuild's inputs from its outputs (see :class:`Writes`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import weakref
 
 from rope_patch.cache.watch import Watch
 
@@ -49,3 +54,104 @@ def moved(watch: Watch, source, target) -> Watch:
         return [(mapping.get(id(entry[0]), entry[0]), *entry[1:]) for entry in entries]
 
     return Watch(move(watch.tensors), move(watch.inference), move(watch.values), watch.snapshots)
+
+
+class Writes:
+    """While one run of a rebuild on a learning copy lasts (``with``): the
+    keys it writes, and which of them it read first.
+
+    A key read before the run writes it (``if self.inv_freq.dtype !=
+    torch.float32: self.inv_freq = self.inv_freq.float()``) is an input: the
+    table must be watched on the value it held before the call. A key read
+    only after the run wrote it (``self.max_seq_len_cached = seq_len`` then
+    ``torch.arange(self.max_seq_len_cached)``) is the run's own output. What
+    nn.Module reads itself while it writes (``register_buffer``'s
+    ``hasattr(self, name)`` and ``self._buffers``, ``__setattr__``'s
+    non-persistent names) is not the rebuild's: the value was computed
+    before. Writes that bypass ``__setattr__`` and ``register_buffer``
+    (``self.__dict__[key] = ...``) are not seen: their reads stay inputs,
+    which only watches more.
+    """
+
+    def __init__(self, module, recorder):
+        state = vars(module)  # before recording starts: these reads are ours
+        self.module = module
+        self.recorder = recorder
+        self.own = {id(state), id(state["_buffers"]), id(state["_parameters"])}
+        self.written: set[str] = set()
+        self.read_first: set[str] = set()
+
+    def __enter__(self):
+        _active[id(self.module)] = self
+        return self
+
+    def __exit__(self, *exc):
+        _active.pop(id(self.module), None)
+        return False
+
+    def wrote(self, name: str) -> None:
+        if name in self.written:
+            return
+        self.written.add(name)
+        if any(key == name and container in self.own for container, key in self.recorder.reads):
+            self.read_first.add(name)
+
+    def writing(self, name: str, write):
+        """``write()`` (nn.Module's own ``__setattr__``, ``__delattr__`` or
+        ``register_buffer`` of ``name``), its own reads not recorded."""
+        self.wrote(name)
+        reads = self.recorder.reads
+        before = set(reads)
+        try:
+            return write()
+        finally:
+            for read in [read for read in reads if read not in before]:
+                del reads[read]
+
+    def inputs(self) -> dict:
+        """The recorder's reads, less those of keys the run wrote before reading them."""
+        return {
+            (container, key): read
+            for (container, key), read in self.recorder.reads.items()
+            if container not in self.own or key not in self.written or key in self.read_first
+        }
+
+
+#: id(learning copy) -> its Writes, while a run lasts.
+_active: dict[int, Writes] = {}
+_learning_classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def learning_class(cls: type) -> type:
+    """``cls`` with assignments, deletions and ``register_buffer`` reported
+    to the copy's :class:`Writes` while one is active."""
+    learning = _learning_classes.get(cls)
+    if learning is not None:
+        return learning
+
+    def _write(self, name, write):
+        writes = _active.get(id(self))
+        return write() if writes is None else writes.writing(name, write)
+
+    def __setattr__(self, name, value):
+        _write(self, name, functools.partial(super(learning, self).__setattr__, name, value))
+
+    def __delattr__(self, name):
+        _write(self, name, functools.partial(super(learning, self).__delattr__, name))
+
+    def register_buffer(self, name, tensor, persistent=True):
+        return _write(self, name, functools.partial(super(learning, self).register_buffer, name, tensor, persistent))
+
+    learning = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__setattr__": __setattr__,
+            "__delattr__": __delattr__,
+            "register_buffer": register_buffer,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
+    )
+    _learning_classes[cls] = learning
+    return learning

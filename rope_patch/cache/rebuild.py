@@ -433,16 +433,22 @@ def build(module, original, device, dtype, size: int) -> Table:
         raise NotCacheable(f"a table of {size} positions is too small to learn its cache rebuild ({METHOD}) from")
     half = size // 2
     try:
-        probe = private.private_copy(module)
+        probe = private.private_copy(module, private.learning_class(type(module)))
     except Exception as error:  # a class that cannot be made without its __init__
         raise NotCacheable(f"its cache rebuild ({METHOD}) cannot run on a copy of the module: {error!r}") from error
     before = _Snapshot(probe)
+    # What a run reads before writing it is an input, what it reads after
+    # writing it its own output (private.Writes); the inputs are watched as
+    # they were before the runs.
+    inputs, problem, afters, returned = {}, None, [], []
     try:
-        with exact_numerics(device.type), Recorder(probe) as recorder:
-            returned = [_run(original, probe, size, device, dtype)]
-            first = _Snapshot(probe)
-            returned.append(_run(original, probe, half, device, dtype))
-            second = _Snapshot(probe)
+        with exact_numerics(device.type):
+            for n in (size, half):
+                with Recorder(probe) as recorder, private.Writes(probe, recorder) as writes:
+                    returned.append(_run(original, probe, n, device, dtype))
+                afters.append(_Snapshot(probe))
+                inputs.update(writes.inputs())
+                problem = problem or recorder.problem
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     except Exception as error:
@@ -453,6 +459,7 @@ def build(module, original, device, dtype, size: int) -> Table:
         raise NotCacheable(f"its cache rebuild ({METHOD}) returns a value")
     if before.changed_in_place():
         raise NotCacheable(f"its cache rebuild ({METHOD}) changes tensors of the module in place")
+    first, second = afters
     written = sorted(set(before.written_since(first)) | set(first.written_since(second)))
     entries, columns = [], []
     for where, key in written:
@@ -466,15 +473,12 @@ def build(module, original, device, dtype, size: int) -> Table:
     if not columns:
         raise NotCacheable(f"its cache rebuild ({METHOD}) writes no per-position table")
     program = Program(tuple(entries))
-    # What the rebuild reads is its input; what it writes is its output
-    # (register_buffer reads the name it replaces): the watch keeps the inputs,
-    # armed on the probe (back to the module's state), over the module's containers.
-    own = (id(vars(probe)), id(probe._buffers), id(probe._parameters))
-    outputs = {(container, key) for container in own for _, key in written}
-    outputs.add((own[0], "_non_persistent_buffers_set"))
-    recorder.reads = {read: entry for read, entry in recorder.reads.items() if read not in outputs}
+    # The watch holds the inputs as they were before the runs (the probe is
+    # back there), in the module's own containers.
+    reads = Recorder(probe)
+    reads.reads, reads.problem = inputs, problem
     try:
-        watch = private.moved(recorder.watch(), probe, module)
+        watch = private.moved(reads.watch(), probe, module)
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     table = Table(columns, None, size, device, watch, bound_check=False)
