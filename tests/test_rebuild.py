@@ -7,6 +7,10 @@ outputs, and the module's whole state after it."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from torch import nn
 import rope_patch
 from rope_patch.cache import engine
 from rope_patch.cache.rebuild import METHOD, OWN_CACHE
+from rope_patch.identity import difference
 from tests.conftest import assert_identical, module_state
 
 
@@ -280,3 +285,193 @@ def test_an_inline_rebuild_gets_a_true_reason(patched):
         "sin_cached); with fewer positions, the forward only gathers rows of its precomputed cos_cached, "
         "sin_cached: nothing to gain"
     ), reason
+
+
+# --------------------------------------------------------------------------
+# What a rebuild reads, and whose state learning touches
+
+
+class Fp32RotaryEmbedding(nn.Module):
+    """Keeps its frequencies in fp32 after ``.to(bfloat16)``: the rebuild
+    reads inv_freq, then writes it back converted (Qwen3-VL-style)."""
+
+    def __init__(self, dim=16, base=10000):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self.max_seq_len_cached = None
+
+    def _set_cos_sin_cache(self, seq_len, device, dtype):
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.inv_freq.float()
+        self.max_seq_len_cached = seq_len
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        emb = torch.cat((torch.outer(t, self.inv_freq),) * 2, dim=-1)
+        self.register_buffer("cos_cached", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_cached", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, x, seq_len=None):
+        if self.max_seq_len_cached is None or seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len=seq_len, device=x.device, dtype=x.dtype)
+        return self.cos_cached[:seq_len], self.sin_cached[:seq_len]
+
+
+def test_a_key_the_rebuild_reads_then_writes_is_watched_on_its_value_before_the_call(patched):
+    """inv_freq is read (its dtype, its values) before the rebuild writes
+    it: an input, not only an output. A new inv_freq must be seen (it was
+    dropped from the watch: the old tables answered, and wrote the old
+    inv_freq back over the user's)."""
+    rope_patch.patch_class(Fp32RotaryEmbedding)
+    module, twin = Fp32RotaryEmbedding().to(torch.bfloat16), Fp32RotaryEmbedding().to(torch.bfloat16)
+    same_calls(module, twin, [4, 5, 6, 9], torch.bfloat16)
+    assert rope_patch.cache_info(module).answered
+    for m in (module, twin):  # new frequencies, in the module's dtype again
+        m.inv_freq = (m.inv_freq * 0.25).bfloat16()
+    same_calls(module, twin, [10, 11, 30], torch.bfloat16)
+
+
+#: Set by a test: pauses OwnCacheRotaryEmbedding's rebuild of one position
+#: (only learning runs one) so that the test can look at the module then.
+GATE: dict = {}
+
+
+class OwnCacheRotaryEmbedding(nn.Module):
+    """InternLM2's: a cache built in __init__ for max_position_embeddings,
+    rebuilt by the forward only past it."""
+
+    def __init__(self, dim=16, max_position_embeddings=64, base=10000):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+        self._set_cos_sin_cache(seq_len=max_position_embeddings, device=self.inv_freq.device, dtype=torch.float32)
+
+    def _set_cos_sin_cache(self, seq_len, device, dtype):
+        self.max_seq_len_cached = seq_len
+        t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
+        emb = torch.cat((torch.outer(t, self.inv_freq),) * 2, dim=-1)
+        self.register_buffer("cos_cached", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_cached", emb.sin().to(dtype), persistent=False)
+        if seq_len == 1 and GATE and not GATE["reached"].is_set():
+            GATE["reached"].set()
+            GATE["release"].wait(30)
+
+    def forward(self, x, seq_len=None):
+        if seq_len > self.max_seq_len_cached:
+            self._set_cos_sin_cache(seq_len=seq_len, device=x.device, dtype=torch.float32)
+        return self.cos_cached[:seq_len].to(dtype=x.dtype), self.sin_cached[:seq_len].to(dtype=x.dtype)
+
+
+@pytest.fixture
+def paused_learning(patched):
+    """An OwnCacheRotaryEmbedding, its twin, and a thread whose call of 100
+    positions learns the rebuild, paused at its run of one position."""
+    rope_patch.patch_class(OwnCacheRotaryEmbedding)
+    module, twin = OwnCacheRotaryEmbedding(), OwnCacheRotaryEmbedding()
+    GATE.update(reached=threading.Event(), release=threading.Event())
+    long = torch.randn(1, 2, 100, 16)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(module(long, seq_len=100)))
+    thread.start()
+    try:
+        assert GATE["reached"].wait(30), "learning never ran the rebuild for one position"
+        yield module, twin, long, results
+    finally:
+        GATE["release"].set()
+        thread.join(60)
+        GATE.clear()
+
+
+def test_learning_never_changes_the_module_another_thread_uses(paused_learning):
+    """Learning runs the rebuild at sizes nobody asked for (here: one
+    position): on the live module, another thread's forward saw it shrunk
+    (max_seq_len_cached = 1) and rebuilt, or sliced one row. It learns on a
+    private copy: the module stays as unpatched leaves it throughout."""
+    module, twin, long, results = paused_learning
+    assert module_state(module) == module_state(twin)  # mid-learning, as before the call
+    short = torch.randn(1, 2, 8, 16)
+    with rope_patch.disabled():
+        expected = twin(short, seq_len=8)
+    assert_identical(expected, module(short, seq_len=8))  # the cache of __init__, not a lock wait
+    GATE["release"].set()
+    with rope_patch.disabled():
+        expected = twin(long, seq_len=100)
+    while not results:
+        time.sleep(0.01)
+    assert_identical(expected, results[0])
+    assert module_state(module) == module_state(twin)
+    assert rope_patch.cache_info(module).tables
+
+
+# --------------------------------------------------------------------------
+# fork() and threads
+
+
+def run_in_fork(child) -> int:
+    """``child()`` (True when it passed) in a forked child; its exit code
+    (1: failed or raised, 2: deadlocked, killed after 60 s)."""
+    pid = os.fork()
+    if pid == 0:
+        # One intra-op thread, as pytest-xdist's workers run (conftest): a
+        # child of a parent whose OpenMP pool is up cannot use another.
+        torch.set_num_threads(1)
+        try:
+            ok = child()
+        except BaseException:  # noqa: BLE001 - any failure is the child's answer
+            ok = False
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 2
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_fork_while_a_table_is_published_leaves_the_child_the_shared_tables_lock(patched_classes):
+    """rope_patch.cache.shared's lock, held by another thread (publishing or
+    adopting a table) at fork(), is the child's own: its first table build
+    does not wait forever."""
+    from rope_patch.cache import shared
+
+    holding, release = threading.Event(), threading.Event()
+
+    def holder():
+        with shared._lock:
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert holding.wait(10)
+
+        def child():
+            module, twin = DeepseekRotaryEmbedding(16), DeepseekRotaryEmbedding(16)
+            same_calls(module, twin, [5, 6])
+            return rope_patch.cache_info(module).answered
+
+        assert run_in_fork(child) == 0
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_fork_while_learning_leaves_the_child_the_module_as_it_was(paused_learning):
+    """The child of a fork() made while another thread learns has the
+    module as unpatched leaves it (not the probe's state), and its own first
+    rebuild works (the state's lock is the child's own)."""
+    module, twin, *_ = paused_learning
+
+    def child():
+        if module_state(module) != module_state(twin):
+            return False
+        x = torch.randn(1, 2, 90, 16)
+        with rope_patch.disabled():
+            expected = twin(x, seq_len=90)
+        return difference(expected, module(x, seq_len=90)) is None and module_state(module) == module_state(twin)
+
+    assert run_in_fork(child) == 0

@@ -51,7 +51,7 @@ import threading
 
 import torch
 
-from rope_patch.cache import engine, rule, shared
+from rope_patch.cache import engine, private, rule, shared
 from rope_patch.cache.numerics import exact_numerics
 from rope_patch.cache.table import NotCacheable, Table, table_size
 from rope_patch.cache.watch import Recorder, Unwatchable
@@ -197,7 +197,7 @@ class NotElementwise(NotCacheable):
 
 
 #: Where an entry lives: the module's ``__dict__`` or its ``_buffers``.
-ATTRIBUTE, BUFFER = "attribute", "buffer"
+ATTRIBUTE, BUFFER, PARAMETER = shared.ATTRIBUTE, shared.BUFFER, shared.PARAMETER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,12 +348,12 @@ class _Snapshot:
 
     def written_since(self, later: _Snapshot) -> list[tuple[str, str]]:
         """``(where, key)`` of entries replaced, added or removed between
-        this snapshot and ``later`` (parameters: where "parameter")."""
+        this snapshot and ``later`` (parameters: where PARAMETER)."""
         written = []
         for where, old, new in (
             (ATTRIBUTE, self.state, later.state),
             (BUFFER, self.buffers, later.buffers),
-            ("parameter", self.parameters, later.parameters),
+            (PARAMETER, self.parameters, later.parameters),
         ):
             written += [
                 (where, key)
@@ -420,6 +420,8 @@ def _canonical(tensor: _Tensor) -> bool:
 def build(module, original, device, dtype, size: int) -> Table:
     """A table of ``size`` positions that answers ``module``'s rebuilds for
     ``device`` and ``dtype``, with its Program (see the module docstring).
+    Learnt on a private copy of ``module`` (rope_patch.cache.private): the
+    module itself is never written, whatever another thread does with it.
 
     Raises:
         NotCacheable: the rebuild raised, returned something, wrote an entry
@@ -430,29 +432,40 @@ def build(module, original, device, dtype, size: int) -> Table:
     if size < MIN_LEARN:
         raise NotCacheable(f"a table of {size} positions is too small to learn its cache rebuild ({METHOD}) from")
     half = size // 2
-    before = _Snapshot(module)
     try:
-        with exact_numerics(device.type), Recorder(module) as recorder:
-            returned = [_run(original, module, size, device, dtype)]
-            first = _Snapshot(module)
-            returned.append(_run(original, module, half, device, dtype))
-            second = _Snapshot(module)
+        probe = private.private_copy(module, private.learning_class(type(module)))
+    except Exception as error:  # a class that cannot be made without its __init__
+        raise NotCacheable(f"its cache rebuild ({METHOD}) cannot run on a copy of the module: {error!r}") from error
+    before = _Snapshot(probe)
+    # What a run reads before writing it is an input, what it reads after
+    # writing it its own output (private.Writes); the inputs are watched as
+    # they were before the runs.
+    inputs, problem, afters, returned = {}, None, [], []
+    try:
+        with exact_numerics(device.type):
+            for n in (size, half):
+                with Recorder(probe) as recorder, private.Writes(probe, recorder) as writes:
+                    returned.append(_run(original, probe, n, device, dtype))
+                afters.append(_Snapshot(probe))
+                inputs.update(writes.inputs())
+                problem = problem or recorder.problem
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     except Exception as error:
         raise NotCacheable(f"its cache rebuild ({METHOD}) for seq_len={size} raised {error!r}") from error
     finally:
-        before.put_back(module)
+        before.put_back(probe)
     if any(value is not None for value in returned):
         raise NotCacheable(f"its cache rebuild ({METHOD}) returns a value")
     if before.changed_in_place():
         raise NotCacheable(f"its cache rebuild ({METHOD}) changes tensors of the module in place")
+    first, second = afters
     written = sorted(set(before.written_since(first)) | set(first.written_since(second)))
     entries: list[Entry]
     columns: list[torch.Tensor]
     entries, columns = [], []
     for where, key in written:
-        if where == "parameter":
+        if where == PARAMETER:
             raise NotCacheable(f"its cache rebuild ({METHOD}) replaces the parameter {key}")
         values = first.get(where, key), second.get(where, key)
         if _MISSING in values:
@@ -462,25 +475,24 @@ def build(module, original, device, dtype, size: int) -> Table:
     if not columns:
         raise NotCacheable(f"its cache rebuild ({METHOD}) writes no per-position table")
     program = Program(tuple(entries))
-    # What the rebuild reads is its input; what it writes is its output
-    # (register_buffer reads the name it replaces): the watch keeps the inputs.
-    own = (id(vars(module)), id(module._buffers), id(module._parameters))
-    outputs = {(container, key) for container in own for _, key in written}
-    outputs.add((own[0], "_non_persistent_buffers_set"))
-    recorder.reads = {read: entry for read, entry in recorder.reads.items() if read not in outputs}
+    # The watch holds the inputs as they were before the runs (the probe is
+    # back there), in the module's own containers.
+    reads = Recorder(probe)
+    reads.reads, reads.problem = inputs, problem
     try:
-        watch = recorder.watch()
+        watch = private.moved(reads.watch(), probe, module)
     except Unwatchable as error:
         raise NotCacheable(str(error)) from error
     table = Table(columns, None, size, device, watch, bound_check=False)
     table.owner = id(module)
-    _probe(module, original, program, table, device, dtype, {size, half})
+    _probe(probe, original, program, table, device, dtype, {size, half})
     table.forms[REBUILD] = RebuildForm(program)
     return table
 
 
 def _probe(module, original, program: Program, table: Table, device, dtype, learnt: set[int]) -> None:
-    """The learnt delta against the rebuild itself on other lengths; raises NotCacheable."""
+    """The learnt delta against the rebuild itself on other lengths (on
+    ``module``, a private copy, put back after each); raises NotCacheable."""
     keys = {(entry.where, entry.key) for entry in program.entries}
     for n in sorted({1, 2, 3, table.size - 1} - learnt):
         if n < 1:
@@ -530,12 +542,12 @@ def _state_difference(expected: _Snapshot, actual: _Snapshot) -> str | None:
     for where, old, new in (
         (ATTRIBUTE, expected.state, actual.state),
         (BUFFER, expected.buffers, actual.buffers),
-        ("parameter", expected.parameters, actual.parameters),
+        (PARAMETER, expected.parameters, actual.parameters),
     ):
         if set(old) != set(new):
             return f"{where} names differ: {sorted(set(old) ^ set(new))}"
         for key, value in old.items():
-            if new[key] is not value:
+            if new[key] is not value and not (where == ATTRIBUTE and key in private.CONTAINERS):
                 problem = _value_difference(value, new[key])
                 if problem is not None:
                     return f"{key}: {problem}"
@@ -628,23 +640,21 @@ def _sharing_table(module, device):
 
 def _verify_first_use(state, module, original, table, form: RebuildForm, seq_len: int, args, kwargs):
     """The first replay of this table against the real rebuild: the
-    module's whole state after each, bit for bit. The real rebuild runs
-    last, so its state is what the module keeps."""
-    before = _Snapshot(module)
-    form.program.replay(module, table.columns, seq_len)
-    replayed = _Snapshot(module)
-    before.put_back(module)
+    module's whole state after each, bit for bit. The replay (and the exact
+    rerun) are made on private copies of the state the call starts from;
+    the module itself only sees the real rebuild."""
+    start = private.private_copy(module)
+    replayed = private.private_copy(start)
+    form.program.replay(replayed, table.columns, seq_len)
     result = original(module, *args, **kwargs)
-    real = _Snapshot(module)
-    problem = _state_difference(real, replayed)
+    problem = _state_difference(_Snapshot(module), _Snapshot(replayed))
     if problem is not None:
         # Under TF32 or autocast the unpatched values may be rounded; the
         # table holds the exact ones, which is what we promise there.
+        exact = private.private_copy(start)
         with exact_numerics(table.device.type):
-            original(module, *args, **kwargs)
-        exact = _Snapshot(module)
-        real.put_back(module)
-        if _state_difference(exact, replayed) is not None:
+            original(exact, *args, **kwargs)
+        if _state_difference(_Snapshot(exact), _Snapshot(replayed)) is not None:
             engine._disable(
                 module, state, f"its first cache rebuild differs from the unpatched one: {problem}", mismatch=True
             )

@@ -22,6 +22,7 @@ is held.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -66,6 +67,18 @@ class Group:
 _lock = threading.Lock()
 #: (kind, class, table key) -> groups, newest last
 _groups: dict[tuple, list[weakref.ref[Group]]] = {}
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread held the lock (publishing or adopting a
+    table) would leave the child's copy held forever, and its first table
+    build waiting on it: the child gets a fresh one (as engine's locks)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _containers(module) -> dict[str, dict]:
