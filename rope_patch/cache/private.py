@@ -23,6 +23,8 @@ import copy
 import functools
 import weakref
 
+import torch
+
 from rope_patch.cache.watch import Watch
 
 #: The module's own containers: copied, never shared, in a private copy.
@@ -34,7 +36,7 @@ def private_copy(module, cls: type | None = None):
     state in containers of its own (see the module docstring). Raises what
     ``cls.__new__`` raises for a class that cannot be made this way."""
     cls = cls or type(module)
-    twin = cls.__new__(cls)
+    twin = cls.__new__(cls)  # type: ignore[call-overload]  # a Module class's own __new__, as copy does
     state = vars(twin)
     state.update(vars(module))
     for name in CONTAINERS:
@@ -122,25 +124,25 @@ _active: dict[int, Writes] = {}
 _learning_classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def learning_class(cls: type) -> type:
+def learning_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
     """``cls`` with assignments, deletions and ``register_buffer`` reported
     to the copy's :class:`Writes` while one is active."""
-    learning = _learning_classes.get(cls)
-    if learning is not None:
-        return learning
+    cached = _learning_classes.get(cls)
+    if cached is not None:
+        return cached
 
     def _write(self, name, write):
         writes = _active.get(id(self))
         return write() if writes is None else writes.writing(name, write)
 
     def __setattr__(self, name, value):
-        _write(self, name, functools.partial(super(learning, self).__setattr__, name, value))
+        _write(self, name, functools.partial(cls.__setattr__, self, name, value))
 
     def __delattr__(self, name):
-        _write(self, name, functools.partial(super(learning, self).__delattr__, name))
+        _write(self, name, functools.partial(cls.__delattr__, self, name))
 
     def register_buffer(self, name, tensor, persistent=True):
-        return _write(self, name, functools.partial(super(learning, self).register_buffer, name, tensor, persistent))
+        return _write(self, name, functools.partial(cls.register_buffer, self, name, tensor, persistent))
 
     learning = type(
         cls.__name__,
