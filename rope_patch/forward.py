@@ -49,10 +49,6 @@ def make_forward(original, rotary: discovery.RotaryClass):
         The replacement function, with ``__wrapped__`` and MARKER set to
         ``original``.
     """
-    if rotary.rebuild is not None:  # its own cache rebuild is answered, not the forward
-        from rope_patch.cache import rebuild
-
-        return rebuild.make_forward(original)
     if rotary.convention == discovery.PREFIX:
         return _prefix_forward(original)
     return _positions_forward(original, rotary.extra, rotary.unread_seq_len)

@@ -238,7 +238,7 @@ def status() -> list[ClassStatus]:
     fallbacks = cache.fallback_reasons() if cache is not None else {}
     # A class none of whose calls was answered, every one handed to the
     # original for a reason of the class, is a fallback with that reason.
-    handed = cache.handed_reasons() if cache is not None else {}
+    handed = cache.handed_reasons([row.rotary.cls for row in rows]) if cache is not None else {}
     out = []
     for row in rows:
         reason = fallbacks.get(row.rotary.cls) or handed.get(row.rotary.cls)
@@ -302,11 +302,16 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
     resolved = getattr(cls, "forward", None)
     original = forward.original_of(resolved) or resolved
     if decision.status == Status.CACHED:
-        if forward.original_of(resolved) is None:
+        if rotary.rebuild is not None:
+            # Its own cache rebuild is answered, the forward left as it is
+            # (rope_patch.cache.rebuild): an inherited wrapped one is pinned
+            # to its original.
+            _install_rebuild(cls, rotary.rebuild)
+            if forward.original_of(resolved) is not None:
+                _install(cls, original)
+        elif forward.original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
             _install(cls, forward.make_forward(original, rotary))
-        if rotary.rebuild is not None:
-            _install_rebuild(cls, rotary.rebuild)
     elif forward.original_of(resolved) is not None:
         # Excluded or unsupported, but inheriting a wrapped forward: pin the
         # original so this class stays untouched.

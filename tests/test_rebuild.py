@@ -140,7 +140,8 @@ def test_rebuilds_are_replayed_from_tables_bit_identically(patched_classes, cls,
     same_calls(module, twin, LENGTHS, dtype)
     info = rope_patch.cache_info(module)
     assert info.answered and {form for table in info.tables for form in table.forms} == {"rebuild"}
-    assert info.unpatched == () and info.fallback is None
+    # The calls within the module's own cache are its forward's (nothing to gain).
+    assert info.unpatched == (OWN_CACHE,) and info.fallback is None
 
 
 def test_a_replay_writes_fresh_tensors_never_the_tables(patched_classes):
@@ -160,6 +161,32 @@ def test_rebuilds_outside_the_forward_run_the_original(patched_classes):
     module._set_cos_sin_cache(10, torch.device("cpu"), torch.float32)  # anyone's
     assert engine.state_of(module) is None
     assert module.max_seq_len_cached == 10 and module.cos_cached.shape == (10, 16)
+
+    class Other(torch.nn.Module):  # another module's forward calling this one's rebuild
+        def forward(self, rotary):
+            rotary._set_cos_sin_cache(12, torch.device("cpu"), torch.float32)
+
+    Other()(module)
+    assert engine.state_of(module) is None and module.max_seq_len_cached == 12
+
+
+def test_the_forward_stays_the_classs_own(patched_classes):
+    """Only the rebuild is replaced: a call within the module's cache runs
+    the class's own forward, nothing in front of it (never slower); a
+    subclass's forward reaching the rebuild through super() is answered."""
+    from rope_patch.forward import original_of
+
+    assert original_of(DeepseekRotaryEmbedding.__dict__["forward"]) is None
+    assert original_of(DeepseekRotaryEmbedding.__dict__[METHOD]) is not None
+
+    class Subclass(DeepseekRotaryEmbedding):
+        def forward(self, x, seq_len=None):
+            cos, sin = super().forward(x, seq_len)
+            return cos * 1, sin * 1
+
+    module, twin = Subclass(16), Subclass(16)
+    same_calls(module, twin, [5, 6, 7, 40])
+    assert rope_patch.cache_info(module).answered
 
 
 def test_frequency_state_changes_are_followed(patched_classes):

@@ -383,7 +383,8 @@ def test_deepseek_v3_rebuilds_its_cache_per_call_and_is_answered_from_tables(tmp
         "2": [[64, row + yarn_inv_freq, ["rebuild"], 2]],
         "3": [[64, row, ["rebuild"], 2]],
     }
-    assert report["fallback"] == dict.fromkeys("0123") and report["unpatched"] == {str(i): [] for i in range(4)}
+    assert report["fallback"] == dict.fromkeys("0123")
+    assert report["unpatched"] == {str(i): [OWN_CACHE] for i in range(4)}
     assert report["cos"] == 0
 
 
@@ -456,7 +457,7 @@ def test_check_reports_only_the_rotaries_the_remote_model_holds(tmp_path):
     assert rows["DeepseekV3RotaryEmbedding"]["held"] == ["layers.0.rotary_emb", "layers.3.rotary_emb"]
     assert rows["DeepseekV3YarnRotaryEmbedding"]["held"] == ["layers.1.rotary_emb", "layers.2.rotary_emb"]
     for row in rows.values():
-        assert (row["status"], row["reason"], row["identical"], row["unpatched"]) == ("cached", "", True, [])
+        assert (row["status"], row["reason"], row["identical"], row["unpatched"]) == ("cached", "", True, [OWN_CACHE])
 
 
 def test_check_finds_sibling_rotaries_and_gives_the_runtime_reasons(tmp_path):

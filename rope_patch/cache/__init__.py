@@ -20,6 +20,8 @@ path's two reads (:data:`states`, :mod:`rule`), :func:`cache_info`,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from rope_patch.cache import rule
 from rope_patch.cache.engine import (
     answered_classes,
@@ -36,13 +38,16 @@ from rope_patch.info import CacheInfo, TableInfo
 
 def cache_info(module) -> CacheInfo:
     """What rope_patch holds for ``module``: see :class:`rope_patch.CacheInfo`."""
+    from rope_patch.cache import rebuild
+
+    own = {rebuild.OWN_CACHE} if rebuild.answers_rebuilds(type(module)) else set()
     state = state_of(module)
     if state is None:
-        return CacheInfo(tables=(), fallback=None)
+        return CacheInfo(tables=(), fallback=None, unpatched=tuple(own))
     with state.lock:
         items = list(state.tables.items()) + list(state.spares.items())
         fallback = state.fallback
-        unpatched = tuple(sorted(set(state.never.values()) | set(state.handed)))
+        unpatched = tuple(sorted(set(state.never.values()) | set(state.handed) | own))
     rows = []
     for (device, dtype, layer_type), table in items:
         forms = tuple(_form_name(table, form) for _, form in sorted(table.forms.items()) if form and form.verified)
@@ -85,13 +90,19 @@ def fallback_reasons() -> dict[type, str]:
     return dict(observed_fallbacks)
 
 
-def handed_reasons() -> dict[type, str]:
+def handed_reasons(classes: Iterable[type] = ()) -> dict[type, str]:
     """class -> why its calls were computed unpatched for a reason of the
     class (every reason seen, sorted and "; "-joined, as outcome() joins a
     module's), for classes none of whose calls was answered from a table
-    so far."""
-    handed = list(observed_handed.items())
-    return {cls: "; ".join(sorted(reasons)) for cls, reasons in handed if cls not in answered_classes}
+    so far. Those of ``classes`` whose cache rebuilds are answered
+    (rope_patch.cache.rebuild) have OWN_CACHE among them."""
+    from rope_patch.cache import rebuild
+
+    reasons = {cls: set(seen) for cls, seen in list(observed_handed.items())}
+    for cls in classes:
+        if rebuild.answers_rebuilds(cls):
+            reasons.setdefault(cls, set()).add(rebuild.OWN_CACHE)
+    return {cls: "; ".join(sorted(seen)) for cls, seen in reasons.items() if cls not in answered_classes}
 
 
 __all__ = [

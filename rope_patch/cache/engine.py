@@ -234,10 +234,15 @@ def hand_over(module, reason: str) -> None:
         return
     with state.lock:
         state.handed[reason] = None
-    reasons = observed_handed.setdefault(type(module), {})
+    _observe_handed(type(module), reason)
+
+
+def _observe_handed(cls: type, reason: str) -> None:
+    """The class-wide record of a hand-over reason (status()), said once at INFO."""
+    reasons = observed_handed.setdefault(cls, {})
     if reason not in reasons:
         reasons[reason] = None
-        logger.info("rope_patch: %s: %s", type(module).__name__, reason)
+        logger.info("rope_patch: %s: %s", cls.__name__, reason)
 
 
 def mark_answered(module) -> None:
@@ -298,7 +303,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
     family = family_for(module, original, layer_type)
     if isinstance(family, str):  # a rope type we cannot follow
         state.never[layer_type] = family
-        observed_handed.setdefault(type(module), {})[family] = None
+        _observe_handed(type(module), family)
         return original(module, x, position_ids, *extra)
     call = _Call(module, x, position_ids, extra, original)
     if family is not None:

@@ -21,8 +21,9 @@ for the whole sequence at every new length, i.e. at every decode step.
 So the rebuild is what rope_patch answers, not the forward: the class's
 ``_set_cos_sin_cache`` is replaced (per class, as forwards are; the
 original on ``__wrapped__``, removed by ``unpatch()``, nothing stored on the
-module), and the forward, also wrapped, runs its own code, condition and
-slicing. A rebuild called from the forward is treated as a pure function of
+module), and the forward is left as it is: its own code, condition and
+slicing, at its own cost on calls within its cache. A rebuild called from
+the forward (its caller's frame says so) is treated as a pure function of
 ``(seq_len, device, dtype)`` and the frequency state it reads (recorded by
 rope_patch.cache.watch) to a *state delta*: the entries it writes. The
 delta is learnt from the rebuild itself, run at the table's size ``S`` and
@@ -47,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import threading
+import sys
 
 import torch
 
@@ -62,9 +63,10 @@ METHOD = "_set_cos_sin_cache"
 PARAMETERS = ("seq_len", "device", "dtype")
 #: The key of a rebuild table's form in ``Table.forms`` (and its name in cache_info).
 REBUILD = "rebuild"
-#: Why a module whose forward never rebuilt its cache gains nothing.
+#: What happens to the calls a forward answers within its own cache
+#: (every module of a class whose rebuild is answered lists it).
 OWN_CACHE = (
-    f"the forward answers from its own cache (nothing to gain) until a call passes it; tables answer its cache "
+    f"calls within its own cache are answered by its forward (nothing to gain); tables answer its cache "
     f"rebuilds ({METHOD})"
 )
 #: The smallest table a delta is learnt from (its half must differ from 1).
@@ -75,6 +77,7 @@ _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch
 _Tensor = torch.Tensor
 _CONTIGUOUS = torch.contiguous_format
 _steps_aside = rule.steps_aside
+_getframe = sys._getframe
 _capturing = rule.capturing
 
 
@@ -91,48 +94,33 @@ def rebuild_method(cls: type) -> str | None:
     return METHOD if names == PARAMETERS else None
 
 
-class _Inside(threading.local):
-    """The module whose wrapped forward runs in this thread (None outside):
-    only rebuilds its forward calls are answered, never those of
-    ``__init__`` or of other code."""
+def answers_rebuilds(cls: type) -> bool:
+    """rope_patch answers the cache rebuilds of ``cls`` (its METHOD is
+    rope_patch's, not retired): its modules' calls within their own cache
+    are OWN_CACHE."""
+    from rope_patch.forward import original_of
 
-    module = None
+    method = getattr(cls, METHOD, None)
+    return original_of(method) is not None and not getattr(method, "__rope_patch_retired__", True)
 
 
-_inside = _Inside()
-
-
-def make_forward(original):
-    """The forward of a class whose rebuild is answered: ``original`` runs
-    as it is, told which module it runs for. A module none of whose calls
-    reached a rebuild says so (OWN_CACHE)."""
-    from rope_patch.forward import _mark, _wraps
-
-    retired: list[bool] = []  # non-empty once retired (rope_patch.forward.retire)
-    states = engine.states
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        if _steps_aside() or retired or (type(self).forward is not forward and not _wraps(type(self).forward, forward)):
-            return original(self, *args, **kwargs)
-        outer = _inside.module
-        _inside.module = self
-        try:
-            out = original(self, *args, **kwargs)
-        finally:
-            _inside.module = outer
-        state = states.get(id(self))
-        if state is None or not (state.tables or state.handed or state.fallback is not None):
-            engine.hand_over(self, OWN_CACHE)  # no rebuild reached us: the forward sliced its own cache
-        return out
-
-    return _mark(forward, original, retired)
+def _called_by_forward(frame, module) -> bool:
+    """``frame`` (the rebuild's caller) is a forward of ``module`` (a
+    function named ``forward`` whose first argument is ``module``): only
+    rebuilds the forward calls are answered, never those of ``__init__``
+    or of other code. Read from the caller's frame, on rebuild calls only,
+    so that the forward itself stays the class's own: a call within the
+    module's cache costs exactly what it costs unpatched."""
+    code = frame.f_code
+    if code.co_name != "forward" or code.co_argcount < 1:
+        return False
+    return frame.f_locals.get(code.co_varnames[0]) is module
 
 
 def make_method(original):
     """The replacement of the class's METHOD: a rebuild called by the
-    module's own (wrapped) forward is answered from a table; any other call
-    runs ``original``."""
+    module's own forward is answered from a table; any other call runs
+    ``original``."""
     from rope_patch.forward import _mark, _wraps
 
     retired: list[bool] = []  # non-empty once retired (rope_patch.forward.retire)
@@ -143,7 +131,7 @@ def make_method(original):
     def method(self, *args, **kwargs):
         if (
             _steps_aside()  # first: under dynamo nothing below is traced
-            or _inside.module is not self
+            or not _called_by_forward(_getframe(1), self)
             or retired
             or hooks  # register_buffer would run them; a replay would not
             or (getattr(type(self), METHOD) is not method and not _wraps(getattr(type(self), METHOD), method))
