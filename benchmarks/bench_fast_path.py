@@ -5,7 +5,7 @@ thread, thread CPU time, alternating blocks, medians:
     python benchmarks/bench_fast_path.py [--json OUT] [--before FILE] [--tree PATH] [--quick]
 
 Rows: the two benchmark models (Qwen3 and Llama 3 shaped, 2-D decode 1x1
-and 8x1), a Gemma 3 rotary called with its ``layer_type`` (the keyed
+and 8x1, and a 512-token prefill 1x512), a Gemma 3 rotary called with its ``layer_type`` (the keyed
 forwards: Gemma 3 and kin), and a Qwen2.5-VL-shaped M-RoPE rotary called
 with 3-axis decode positions (3x1x1, 3x8x1; no floor: its answer is not two
 plain gathers); bf16 and fp32 each.
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
 
     layer_type = "sliding_attention" if int(transformers.__version__.split(".")[0]) >= 5 else None
     cases = [
-        ("qwen3", lambda: build_rotary("qwen3", "cpu"), ((1, 1), (8, 1)), None),
-        ("llama3", lambda: build_rotary("llama3", "cpu"), ((1, 1), (8, 1)), None),
+        ("qwen3", lambda: build_rotary("qwen3", "cpu"), ((1, 1), (8, 1), (1, 512)), None),
+        ("llama3", lambda: build_rotary("llama3", "cpu"), ((1, 1), (8, 1), (1, 512)), None),
         ("gemma3 (layer_type)" if layer_type else "gemma3", gemma3, ((1, 1), (8, 1)), layer_type),
         ("qwen2.5-vl (M-RoPE)", qwen2_5_vl, ((3, 1, 1), (3, 8, 1)), None),
     ]
