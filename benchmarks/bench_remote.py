@@ -21,6 +21,12 @@ cache rebuild from tables gains, and what sharing per-layer tables saves.
    ``rope_patch.cache_info(...).bytes`` (shared columns count 1/k in each of
    the k modules sharing them) with and without sharing; the same for the
    DeepSeek-V3-shaped rebuild tables of 32 layers.
+4. **A call within the module's own cache** (InternLM2's remote rotaries,
+   InternVL2-style, whose ``__init__`` builds the cache for
+   ``max_position_embeddings``): ``forward(x, seq_len=n)`` below it slices
+   ``cos_cached``: nothing to gain, and it must cost what it costs
+   unpatched (the "never slower" check for these classes, which the
+   catalogue benchmark cannot build: they are remote code).
 
 The models come from tests/remote_models.py (the folders the tests write),
 loaded as remote code from a temporary folder, offline.
@@ -182,6 +188,38 @@ def memory(layers: int, positions: int) -> None:
             shared.forget()
 
 
+def own_cache(rounds: int, seq_len: int) -> None:
+    print(
+        f"\n4. A call within the module's own cache (InternLM2 remote rotaries, seq_len={seq_len}, bf16), microseconds"
+    )
+    print("   class                                     unpatched  patched  patched/unpatched")
+    model = load("internvl", rotary=["default", "dynamic"], num_hidden_layers=2, max_position_embeddings=4096)
+    for rotary in {
+        type(m).__name__: m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")
+    }.values():
+        x = torch.zeros(1, 2, 1, rotary.dim, dtype=torch.bfloat16)
+        twin = copy.deepcopy(rotary)
+
+        def call(module, x=x):
+            return module(x, seq_len=seq_len)
+
+        with torch.no_grad():
+            with rope_patch.disabled():
+                expected = call(twin)
+            assert difference(expected, call(rotary)) is None
+            times = latency.alternate(
+                {"unpatched": (call, (twin,)), "patched": (call, (rotary,))},
+                "cpu",
+                rounds=rounds,
+                contexts={"unpatched": rope_patch.disabled},
+            )
+        median = {name: statistics.median(values) for name, values in times.items()}
+        print(
+            f"   {type(rotary).__name__:40}  {median['unpatched']:9.2f}  {median['patched']:7.2f}  "
+            f"{median['patched'] / median['unpatched']:6.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=21)
@@ -196,10 +234,12 @@ def main() -> None:
         rebuild_per_step(3, (64,))
         decode_steps(1, 16, 4, 2)
         memory(2, 64)
+        own_cache(3, 100)
     else:
         rebuild_per_step(args.rounds, (512, 2048, 4096))
         decode_steps(5, 512, 32, 8)
         memory(32, 4096)
+        own_cache(args.rounds, 100)
 
 
 if __name__ == "__main__":
