@@ -301,20 +301,17 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
     decision = classify(rotary, settings)
     resolved = getattr(cls, "forward", None)
     original = forward.original_of(resolved) or resolved
-    if decision.status == Status.CACHED:
-        if rotary.rebuild is not None:
-            # Its own cache rebuild is answered, the forward left as it is
-            # (rope_patch.cache.rebuild): an inherited wrapped one is pinned
-            # to its original.
-            _install_rebuild(cls, rotary.rebuild)
-            if forward.original_of(resolved) is not None:
-                _install(cls, original)
-        elif forward.original_of(resolved) is None:
+    if decision.status == Status.CACHED and rotary.rebuild is not None:
+        # Its own cache rebuild is answered; its forward is left as it is
+        # (rope_patch.cache.rebuild).
+        _install_rebuild(cls, rotary.rebuild)
+    if decision.status == Status.CACHED and rotary.rebuild is None:
+        if forward.original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
             _install(cls, forward.make_forward(original, rotary))
     elif forward.original_of(resolved) is not None:
-        # Excluded or unsupported, but inheriting a wrapped forward: pin the
-        # original so this class stays untouched.
+        # A forward that must stay the original (excluded, unsupported, or a
+        # rebuild class) but is inherited wrapped: pin the original.
         _install(cls, original)
     _Registry.seen[cls] = decision
     if decision.status != Status.CACHED:

@@ -189,6 +189,33 @@ def test_the_forward_stays_the_classs_own(patched_classes):
     assert rope_patch.cache_info(module).answered
 
 
+def test_a_rebuild_class_inheriting_a_wrapped_forward_gets_the_original(patched):
+    """A subclass that adds the rebuild to a ``forward(x, seq_len)`` class
+    rope_patch wraps: its forward is pinned to the original (only its
+    rebuild is answered), as for an excluded subclass."""
+    from rope_patch.forward import original_of
+
+    class Slicing(nn.Module):  # slices a cache built in __init__, no rebuild method
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cos_cached", torch.randn(64, 16), persistent=False)
+            self.register_buffer("sin_cached", torch.randn(64, 16), persistent=False)
+
+        def forward(self, x, seq_len=None):
+            return self.cos_cached[:seq_len].to(x.dtype), self.sin_cached[:seq_len].to(x.dtype)
+
+    class Rebuilding(Slicing):
+        def _set_cos_sin_cache(self, seq_len, device, dtype):
+            raise AssertionError("not called here")
+
+    rope_patch.patch_class(Slicing)
+    wrapped = Slicing.__dict__["forward"]
+    assert original_of(wrapped) is not None
+    rope_patch.patch_class(Rebuilding)
+    assert Rebuilding.__dict__["forward"] is original_of(wrapped)
+    assert original_of(Rebuilding.__dict__[METHOD]) is not None
+
+
 def test_frequency_state_changes_are_followed(patched_classes):
     module, twin = DeepseekRotaryEmbedding(16), DeepseekRotaryEmbedding(16)
     same_calls(module, twin, [5, 6])
