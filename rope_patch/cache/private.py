@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from rope_patch.cache.watch import Watch
+from rope_patch.cache.watch import Watch, disguised_subclass
 
 #: The module's own containers: copied, never shared, in a private copy.
 CONTAINERS = ("_buffers", "_parameters", "_modules", "_non_persistent_buffers_set")
@@ -144,16 +144,8 @@ def learning_class(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
     def register_buffer(self, name, tensor, persistent=True):
         return _write(self, name, functools.partial(cls.register_buffer, self, name, tensor, persistent))
 
-    learning = type(
-        cls.__name__,
-        (cls,),
-        {
-            "__setattr__": __setattr__,
-            "__delattr__": __delattr__,
-            "register_buffer": register_buffer,
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-        },
+    learning = disguised_subclass(
+        cls, {"__setattr__": __setattr__, "__delattr__": __delattr__, "register_buffer": register_buffer}
     )
     _learning_classes[cls] = learning
     return learning

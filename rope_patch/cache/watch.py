@@ -361,6 +361,15 @@ class _ConfigReads:
         setattr(object.__getattribute__(self, "_config"), name, value)
 
 
+def disguised_subclass(cls: type, methods: dict[str, Any]) -> type[Any]:
+    """A subclass of ``cls`` with ``methods``, named as ``cls`` (its
+    ``__name__``, ``__module__`` and ``__qualname__``): what a module of it
+    shows in reprs and messages is its own class's. The classes a module is
+    switched to while its reads are recorded (here) or its writes reported
+    (rope_patch.cache.private)."""
+    return type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
 #: id(module) -> its Recorder, while one runs.
 _active: dict[int, Recorder] = {}
 _recording_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
@@ -395,15 +404,6 @@ def _recording_class(cls: type) -> type:
             raise
         return _note(self, name, value)
 
-    recording: type[Any] = type(  # a subclass of cls, made here
-        cls.__name__,
-        (cls,),
-        {
-            "__getattribute__": __getattribute__,
-            "__getattr__": __getattr__,
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-        },
-    )
+    recording = disguised_subclass(cls, {"__getattribute__": __getattribute__, "__getattr__": __getattr__})
     _recording_classes[cls] = recording
     return recording
