@@ -82,6 +82,26 @@ def load(style: str, **config):
     return transformers.AutoModelForCausalLM.from_config(loaded, trust_remote_code=True).eval()
 
 
+def versus_twin(call, rotary, twin, rounds: int) -> tuple[float, float]:
+    """Median microseconds of ``call(twin)`` unpatched and ``call(rotary)``
+    patched, in alternating blocks on one thread, once the patched call's
+    output and the module's whole state after it are checked to be the
+    unpatched ones."""
+    with torch.no_grad():
+        call(rotary)  # builds and verifies the table
+        with rope_patch.disabled():
+            expected = call(twin)
+        assert difference(expected, call(rotary)) is None
+        assert module_state(rotary) == module_state(twin)
+        times = latency.alternate(
+            {"unpatched": (call, (twin,)), "patched": (call, (rotary,))},
+            "cpu",
+            rounds=rounds,
+            contexts={"unpatched": rope_patch.disabled},
+        )
+    return statistics.median(times["unpatched"]), statistics.median(times["patched"])
+
+
 def rebuild_per_step(rounds: int, lengths) -> None:
     print("\n1. One rotary call with its rebuild (DeepSeek-V3 YaRN, head_dim 64, bf16), microseconds (median)")
     print("   seq_len  unpatched  patched  speedup")
@@ -96,24 +116,8 @@ def rebuild_per_step(rounds: int, lengths) -> None:
             module.max_seq_len_cached = n - 1  # every decode step finds the cache one position short
             return forward(module, x, seq_len=n)
 
-        with torch.no_grad():
-            for module in (rotary, twin):
-                step(module)
-            with rope_patch.disabled():
-                expected = step(twin)
-            assert difference(expected, step(rotary)) is None
-            assert module_state(rotary) == module_state(twin)
-            times = latency.alternate(
-                {"unpatched": (step, (twin,)), "patched": (step, (rotary,))},
-                "cpu",
-                rounds=rounds,
-                contexts={"unpatched": rope_patch.disabled},
-            )
-        median = {name: statistics.median(values) for name, values in times.items()}
-        print(
-            f"   {n:7d}  {median['unpatched']:9.1f}  {median['patched']:7.1f}  "
-            f"{median['unpatched'] / median['patched']:6.2f}x"
-        )
+        unpatched, patched = versus_twin(step, rotary, twin, rounds)
+        print(f"   {n:7d}  {unpatched:9.1f}  {patched:7.1f}  {unpatched / patched:6.2f}x")
 
 
 def decode_steps(runs: int, prompt: int, steps: int, layers: int) -> None:
@@ -203,21 +207,8 @@ def own_cache(rounds: int, seq_len: int) -> None:
         def call(module, x=x):
             return module(x, seq_len=seq_len)
 
-        with torch.no_grad():
-            with rope_patch.disabled():
-                expected = call(twin)
-            assert difference(expected, call(rotary)) is None
-            times = latency.alternate(
-                {"unpatched": (call, (twin,)), "patched": (call, (rotary,))},
-                "cpu",
-                rounds=rounds,
-                contexts={"unpatched": rope_patch.disabled},
-            )
-        median = {name: statistics.median(values) for name, values in times.items()}
-        print(
-            f"   {type(rotary).__name__:40}  {median['unpatched']:9.2f}  {median['patched']:7.2f}  "
-            f"{median['patched'] / median['unpatched']:6.2f}x"
-        )
+        unpatched, patched = versus_twin(call, rotary, twin, rounds)
+        print(f"   {type(rotary).__name__:40}  {unpatched:9.2f}  {patched:7.2f}  {patched / unpatched:6.2f}x")
 
 
 def main() -> None:
