@@ -140,3 +140,26 @@ def test_a_dtype_move_is_followed(patched, dtype):
     module.to(dtype)
     twin.to(dtype)
     same_calls(module, twin, [8, 9, 40], dtype)
+
+
+def test_an_accelerate_hook_keeps_the_rebuild_answered(patched):
+    """accelerate's hooks replace ``module.forward`` on the instance with a
+    function that calls the class's forward: the rebuild is still called by
+    that forward (its caller's frame), so it is answered, as unpatched."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    rope_patch.patch_class(DeepseekRotaryEmbedding)
+    module, twin = DeepseekRotaryEmbedding(16), DeepseekRotaryEmbedding(16)
+    for m in (module, twin):
+        add_hook_to_module(m, ModelHook())
+
+    def state(m):  # the hook's own per-instance forward differs between the two
+        return {name: value for name, value in module_state(m).items() if name != "forward"}
+
+    for n in [5, 6, 7, 40]:
+        x = x_of(n)
+        with rope_patch.disabled():
+            expected = twin(x, seq_len=n)
+        assert_identical(expected, module(x, seq_len=n))
+        assert state(module) == state(twin), n
+    assert rope_patch.cache_info(module).answered
