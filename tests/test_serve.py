@@ -7,10 +7,16 @@ with ``save_pretrained``, with a word-level tokenizer built from scratch
 with the ``tokenizers`` library (its tokens are ``w0``, ``w1``, ... and no
 special tokens, so a reply's text spells every generated token). Each
 parameter starts two servers at once, patched and unpatched, sends the same
-greedy requests to both and compares the replies; then each server writes
-what its rotary modules hold (``rope_patch.cache_info``) when sent SIGUSR1,
-through a ``sitecustomize`` of the test's own that ``rope-patch run``
-chains to.
+greedy requests to both and compares the replies; then every Python process of each server writes
+whether rope_patch is active there and what its rotary modules hold
+(``rope_patch.cache_info``) when sent SIGUSR1, through a ``sitecustomize``
+of the test's own that ``rope-patch run`` chains to. The model may live in
+another process than the API: transformers 5.25's serve loads each model in
+a process of its own, started with multiprocessing's *spawn* context
+(``transformers/cli/serving/model_manager.py``: ``EngineClient``). Every
+process the server starts inherits the environment, and so the reporter;
+the test asks them all, and proves the claims in the one that holds the
+model.
 
 transformers 5.x: plain ``generate`` and ``--continuous-batching``; three
 completions of different lengths sent at once (so the batching loop can
@@ -64,34 +70,77 @@ COMPLETION_PROMPTS = ("w1 w2 w3 w4 w5", " ".join(f"w{i}" for i in range(10, 31))
 CHAT = [{"role": "user", "content": "w40 w41 w42 w43 w44 w45"}]
 START_TIMEOUT = 180  # seconds until /health answers (about 6 s here)
 
-#: The user's sitecustomize, chained to by ``rope-patch run``'s own: on
-#: SIGUSR1, write what rope_patch holds for every rotary module alive.
+#: The user's sitecustomize, chained to by ``rope-patch run``'s own, so it
+#: runs at the start of every Python process the server starts (a spawned
+#: model process included). It marks the process as one that answers
+#: SIGUSR1 (a process without the handler would be killed by it), and on
+#: SIGUSR1 writes, per process, whether rope_patch is active there and what it
+#: holds for every rotary module alive.
 REPORTER = """
 import json, os, signal
+
+_folder = os.environ["ROPE_PATCH_TEST_REPORTS"]
 
 
 def _report(signum, frame):
     import gc
+    import sys
 
     import torch
 
     import rope_patch
 
+    # transformers 5.25's model process calls gc.freeze() once the model is
+    # loaded (cli/serving/utils.py), and get_objects() skips frozen objects:
+    # unfreeze to look, and freeze again as it was.
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    objects = gc.get_objects()
+    if frozen:
+        gc.freeze()
     rows = []
-    for obj in gc.get_objects():
+    for obj in objects:
         if isinstance(obj, torch.nn.Module) and type(obj).__name__.endswith("RotaryEmbedding"):
             info = rope_patch.cache_info(obj)
             tables = [{"dtype": str(t.dtype), "positions": t.positions, "verified": t.verified} for t in info.tables]
             rows.append({"class": type(obj).__name__, "answered": info.answered, "fallback": info.fallback,
                          "tables": tables})
-    path = os.environ["ROPE_PATCH_TEST_REPORT"]
+    report = {"pid": os.getpid(), "argv": sys.argv[:2], "patched": rope_patch.is_patched(), "rotaries": rows}
+    path = os.path.join(_folder, f"report.{os.getpid()}.json")
     with open(path + ".part", "w") as stream:
-        json.dump(rows, stream)
+        json.dump(report, stream)
     os.replace(path + ".part", path)
 
 
 signal.signal(signal.SIGUSR1, _report)
+open(os.path.join(_folder, f"listening.{os.getpid()}"), "w").close()
 """
+
+
+def model_in_its_own_process():
+    """Whether this transformers' serve loads the model in a spawned process
+    of its own (5.25's ``EngineClient``; before it, the API process holds it)."""
+    try:
+        from transformers.cli.serving import model_manager
+    except ImportError:  # 4.57: no serving package
+        return False
+    return hasattr(model_manager, "EngineClient")
+
+
+MODEL_IN_ITS_OWN_PROCESS = model_in_its_own_process()
+
+
+def running(pid):
+    """Whether ``pid`` is a live process (not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc: trust kill
+        return True
 
 
 def build_model_folder(folder):
@@ -148,11 +197,12 @@ class Server:
 
     def __init__(self, folder, tmp_path, name, patched, extra_args):
         self.port = free_port()
-        self.report = str(tmp_path / f"{name}.json")
+        self.reports = tmp_path / f"{name}-reports"
+        self.reports.mkdir()
         reporter = tmp_path / f"{name}-site"
         reporter.mkdir()
         (reporter / "sitecustomize.py").write_text(REPORTER)
-        env = subprocess_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ROPE_PATCH_TEST_REPORT=self.report)
+        env = subprocess_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ROPE_PATCH_TEST_REPORTS=str(self.reports))
         env["PYTHONPATH"] = os.pathsep.join([str(reporter), env["PYTHONPATH"]])
         model = [folder] if V5 else ["--force_model", folder]  # 4.57 has no positional model argument
         serve = [transformers_command(), "serve", *model, "--device", "cpu", "--dtype", "float32"]
@@ -198,21 +248,46 @@ class Server:
         return [json.loads(event) for event in events if event.strip() != "[DONE]"]
 
     def ask_for_tables(self):
-        """Signal the server to write what rope_patch holds (read it with tables())."""
-        if os.path.exists(self.report):
-            os.remove(self.report)
-        self.process.send_signal(signal.SIGUSR1)
+        """Signal every live process of the server that listens for it (the
+        API process and what it started) to write its report; returns their
+        pids. Read the reports with tables()."""
+        for report in self.reports.glob("report.*"):
+            report.unlink()
+        pids = [int(marker.name.split(".")[1]) for marker in self.reports.glob("listening.*")]
+        self.asked = [pid for pid in pids if running(pid)]
+        for pid in self.asked:
+            os.kill(pid, signal.SIGUSR1)
+        return self.asked
 
     def tables(self):
-        """What rope_patch holds for each rotary module in the server, one
-        row per module (after ask_for_tables)."""
+        """Each asked process's report (after ask_for_tables): its pid,
+        whether rope_patch is active in it, and what rope_patch holds for each
+        of its rotary modules, one row per module."""
         deadline = time.monotonic() + 60
-        while not os.path.exists(self.report):
-            assert time.monotonic() < deadline, f"no report from the server:\n{self.output()}"
+        waiting = set(self.asked)
+        while waiting:
+            waiting = {pid for pid in waiting if not (self.reports / f"report.{pid}.json").exists() and running(pid)}
+            assert time.monotonic() < deadline, f"no report from processes {sorted(waiting)}:\n{self.output()}"
             assert self.process.poll() is None, self.output()
             time.sleep(0.1)
-        with open(self.report) as stream:
-            return json.load(stream)
+        reports = []
+        for pid in self.asked:
+            path = self.reports / f"report.{pid}.json"
+            if path.exists():
+                reports.append(json.loads(path.read_text()))
+        return reports
+
+    def model_process(self):
+        """The report of the one process that holds the model's rotary
+        modules (after ask_for_tables)."""
+        reports = self.tables()
+        holders = [report for report in reports if report["rotaries"]]
+        assert len(holders) == 1, reports
+        if MODEL_IN_ITS_OWN_PROCESS:  # the spawned model process, not the API's
+            assert holders[0]["pid"] != self.process.pid, reports
+        else:
+            assert holders[0]["pid"] == self.process.pid, reports
+        return holders[0]
 
     def stop(self):
         if self.process.poll() is None:
@@ -285,12 +360,16 @@ def test_rope_patch_run_transformers_serve_replies_like_the_unpatched_server(mod
 
         for server in servers.values():
             server.ask_for_tables()
-        patched, unpatched = servers["patched"].tables(), servers["unpatched"].tables()
-        assert [row["class"] for row in patched] == ["LlamaRotaryEmbedding"], patched
-        assert patched[0]["answered"] and patched[0]["fallback"] is None, patched
+        patched, unpatched = servers["patched"].model_process(), servers["unpatched"].model_process()
+        # The process holding the model is patched, and its calls are answered from tables.
+        assert patched["patched"], patched
+        rotaries = patched["rotaries"]
+        assert [row["class"] for row in rotaries] == ["LlamaRotaryEmbedding"], patched
+        assert rotaries[0]["answered"] and rotaries[0]["fallback"] is None, patched
         longest = max(len(prompt.split()) for prompt in COMPLETION_PROMPTS) + NEW_TOKENS
-        assert any(t["verified"] and t["positions"] >= longest for t in patched[0]["tables"]), patched
-        assert unpatched and not any(row["answered"] or row["tables"] for row in unpatched), unpatched
+        assert any(t["verified"] and t["positions"] >= longest for t in rotaries[0]["tables"]), patched
+        assert not unpatched["patched"], unpatched
+        assert not any(row["answered"] or row["tables"] for row in unpatched["rotaries"]), unpatched
     finally:
         for server in servers.values():
             server.stop()
