@@ -3,7 +3,7 @@
 unpatched call no longer pays for entering and leaving no-grad mode.
 
 In one run, alternating blocks on the same module (one torch thread, thread
-CPU time, medians): the installed forward as transformers ships it, the same
+CPU time, medians; decode positions as ``bench_fast_path.py``): the installed forward as transformers ships it, the same
 function decorated with ``torch.no_grad()`` (what 5.24 ran), and the patched
 forward. The speed-up against the decorated one is what the same engine
 would show on 5.24.
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                 decorated = type(f"NoGrad{plain.__name__}", (plain,), {"forward": torch.no_grad()(plain.forward)})
                 for batch, seq in SHAPES:
                     x = torch.randn(batch, seq, rotary.inv_freq.numel() * 2, dtype=dtype)
-                    positions = torch.arange(4096 - seq, 4096).expand(batch, seq)
+                    positions = latency.position_ids_for((batch, seq), "cpu")  # as bench_fast_path
                     call = (rotary, (x, positions))
                     samples = latency.alternate(
                         {"unpatched": call, "no_grad": call, "patched": call},
