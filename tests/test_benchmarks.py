@@ -77,3 +77,13 @@ def test_bench_remote_runs_its_checks(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "ms/step" in result.stdout and "shared by [2]" in result.stdout
+
+
+def test_bench_no_grad_times_the_three_forwards_of_every_row(capsys):
+    import bench_no_grad
+
+    assert bench_no_grad.main(["--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| qwen3", "| llama3"))]
+    assert len(rows) == 2 * 2 * len(bench_no_grad.SHAPES)
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[3:6])
+    assert not rope_patch.is_patched()  # it unpatched what it patched
