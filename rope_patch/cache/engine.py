@@ -13,6 +13,16 @@ or same exception.
 Nothing is stored on the module: state lives in ``_states`` keyed by
 ``id(module)`` and is dropped when the module is garbage collected, so
 ``state_dict``, pickling and deepcopy never see it.
+
+Public (read by the replacement forward and by the rebuild slow path,
+rope_patch.cache.rebuild.slow): :class:`ModuleState`, :data:`states`,
+:func:`state_of`, :func:`state_for`, :func:`forget_all`, :func:`call`,
+:func:`hand_over`, :func:`mark_answered`, :func:`current_table`,
+:func:`drop_stale`, :func:`disable`, :func:`largest_table`, :func:`cap`,
+:func:`max_position_embeddings`, :data:`SEQ_LEN_READ` and the class-wide
+records (``observed_fallbacks``, ``observed_handed``, ``answered_classes``).
+The engine imports nothing above it: the vision reason comes from
+rope_patch.vision, not from discovery.
 """
 
 from __future__ import annotations
@@ -31,8 +41,8 @@ from rope_patch.cache.forms import PlanarForm, PrefixForm
 from rope_patch.cache.forms import axes as axes_form
 from rope_patch.cache.numerics import exact_numerics, mark_forked_child
 from rope_patch.cache.table import NotCacheable, NotPerPosition, table_size
-from rope_patch.discovery import VISION_REASON, is_vision
 from rope_patch.identity import difference
+from rope_patch.vision import VISION_REASON, is_vision
 
 logger = logging.getLogger("rope_patch.cache")
 
@@ -190,7 +200,7 @@ def max_position_embeddings(module) -> int | None:
     return None
 
 
-def _disable(module, state: ModuleState, reason: str, *, mismatch: bool = False) -> None:
+def disable(module, state: ModuleState, reason: str, *, mismatch: bool = False) -> None:
     """Stop caching ``module`` for good; say so once per class.
 
     Args:
@@ -320,7 +330,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
         if not family.cacheable(module, layer_type):
             state.parked[layer_type] = family
             return call.compute()
-    table = _current_table(state, key)
+    table = current_table(state, key)
     if table is not None and table.watch.needs_grad():
         return call.compute()  # autograd must see the unpatched graph
     if type(position_ids) is int:
@@ -334,7 +344,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
         return call.compute()
     if table is None or high >= table.size:
         other_state = state.tables.pop(key, None) if table is None else None
-        _drop_stale(state, key)
+        drop_stale(state, key)
         new = _adopt(state, call, key, high + 1)
         if new is None:
             new = _build(state, call, high + 1, lambda: _adopt(state, call, key, high + 1))
@@ -363,7 +373,7 @@ def _answer(state: ModuleState, module, original, x, position_ids, layer_type, e
         return call.compute()
 
 
-def _current_table(state: ModuleState, key):
+def current_table(state: ModuleState, key):
     """The table for ``key`` whose frequency state is the module's now:
     unchanged, or changed to equal values (then re-armed); the spare (the
     other longrope set) becomes current when it is the one that matches.
@@ -384,7 +394,7 @@ def _current_table(state: ModuleState, key):
     return None
 
 
-def _drop_stale(state: ModuleState, keep) -> None:
+def drop_stale(state: ModuleState, keep) -> None:
     """Forget tables built from frequency state the module no longer has
     (after ``.to(dtype)`` or a device move), so they do not pin memory; the
     spare of ``keep`` (the call's key) stays."""
@@ -483,7 +493,7 @@ def _build(state: ModuleState, call: _Call, needed: int, adopt=None):
             cap(state, needed, problem)
             return table
     vision = isinstance(problem, NotPerPosition) and is_vision(type(call.module))
-    _disable(call.module, state, VISION_REASON if vision else str(problem))
+    disable(call.module, state, VISION_REASON if vision else str(problem))
     return None
 
 
@@ -526,7 +536,7 @@ def _form_for(state: ModuleState, call: _Call, table):
     try:
         form = axes_form.learn(table, call.module, call.forward, call.extra, call.x, position_ids.shape[0])
     except NotCacheable as error:
-        _disable(call.module, state, f"position_ids with {position_ids.shape[0]} axes: {error}")
+        disable(call.module, state, f"position_ids with {position_ids.shape[0]} axes: {error}")
         return None
     table.forms[dims] = form
     return form
@@ -538,7 +548,7 @@ def _verify_first_use(state: ModuleState, call: _Call, table, form):
     try:
         actual = form.lookup(call.module, call.x, call.position_ids)
     except Exception as error:  # noqa: BLE001 - any failure means "do not cache"
-        _disable(call.module, state, f"table lookup failed: {error!r}", mismatch=True)
+        disable(call.module, state, f"table lookup failed: {error!r}", mismatch=True)
         return expected
     problem = difference(expected, actual)
     if problem is not None:
@@ -547,7 +557,7 @@ def _verify_first_use(state: ModuleState, call: _Call, table, form):
         with exact_numerics(call.x.device.type):
             exact = call.compute()
         if difference(exact, actual) is not None:
-            _disable(call.module, state, f"first call differs from the unpatched forward: {problem}", mismatch=True)
+            disable(call.module, state, f"first call differs from the unpatched forward: {problem}", mismatch=True)
             return expected
     form.verified = True
     mark_answered(call.module)
