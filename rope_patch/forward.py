@@ -22,8 +22,8 @@ import torch
 from rope_patch import discovery
 from rope_patch.cache import call as slow_call
 from rope_patch.cache import hand_over, rule, states
-from rope_patch.cache.engine import SEQ_LEN_READ
 from rope_patch.cache.fast import answer_for
+from rope_patch.cache.state import SEQ_LEN_READ
 from rope_patch.marks import MARKER, mark, original_of, retire
 from rope_patch.marks import is_wrapper_of as _wraps
 

@@ -201,7 +201,7 @@ def verify_instance(rotary: RotaryClass, built: Instance, device="cpu", dtypes=(
 
 
 def _max_position(module) -> int:
-    from rope_patch.cache.engine import max_position_embeddings
+    from rope_patch.cache.state import max_position_embeddings
 
     return max_position_embeddings(module) or 4096
 

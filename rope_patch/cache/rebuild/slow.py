@@ -8,12 +8,14 @@ Public: :func:`answer`.
 
 from __future__ import annotations
 
-from rope_patch.cache import engine, private, shared
+from rope_patch.cache import private, shared
+from rope_patch.cache.engine import largest_table
 from rope_patch.cache.numerics import exact_numerics
 from rope_patch.cache.rebuild.convention import REBUILD
 from rope_patch.cache.rebuild.delta import NotElementwise, RebuildForm
 from rope_patch.cache.rebuild.learn import Snapshot, build, state_difference
 from rope_patch.cache.rule import capturing
+from rope_patch.cache.state import cap, current_table, disable, drop_stale, hand_over, mark_answered, state_for
 from rope_patch.cache.table import NotCacheable, Table, table_size
 
 
@@ -30,17 +32,17 @@ def answer(module, original, seq_len: int, device, dtype, args, kwargs):
     """
     if seq_len <= 0 or device.type == "meta" or capturing(device):
         return original(module, *args, **kwargs)
-    state = engine.state_for(module)
+    state = state_for(module)
     if state.fallback is not None:
         return original(module, *args, **kwargs)
     with state.lock:
         key = (device, dtype, None)
-        table = engine.current_table(state, key)
+        table = current_table(state, key)
         if table is not None and table.watch.needs_grad():
             return original(module, *args, **kwargs)  # autograd must see the unpatched graph
         if seq_len > state.cap:
             if state.capped is not None:
-                engine.hand_over(module, state.capped)
+                hand_over(module, state.capped)
             return original(module, *args, **kwargs)
         if table is None or seq_len > table.size:
             table = _build(state, module, original, device, dtype, seq_len, args, kwargs)
@@ -58,7 +60,7 @@ def _build(state, module, original, device, dtype, needed: int, args, kwargs):
     """A table covering ``needed`` positions, or None (the call is then
     computed unpatched; the module is disabled when no table can be learnt)."""
     key = (device, dtype, None)
-    engine.drop_stale(state, key)
+    drop_stale(state, key)
     table = shared.adopt(module, shared.REBUILD, key, needed, state.cap, _sharing_table(module, device))
     if table is not None:
         return table
@@ -79,14 +81,14 @@ def _build(state, module, original, device, dtype, needed: int, args, kwargs):
         # Not position-elementwise past some length (dynamic NTK: the
         # frequencies follow seq_len past max_position_embeddings): tables
         # stop below it, longer rebuilds are computed unpatched.
-        table, above = engine.largest_table(attempt, size - 1)
+        table, above = largest_table(attempt, size - 1)
         if table is not None:
-            engine.cap(state, table.size, above or problem)
+            cap(state, table.size, above or problem)
             if table.size >= needed:
                 return table
-            engine.hand_over(module, state.capped)
+            hand_over(module, state.capped)
             return None
-    engine.disable(module, state, str(problem))
+    disable(module, state, str(problem))
     return None
 
 
@@ -120,10 +122,8 @@ def _verify_first_use(state, module, original, table, form: RebuildForm, seq_len
         with exact_numerics(table.device.type):
             original(exact, *args, **kwargs)
         if state_difference(Snapshot(exact), Snapshot(replayed)) is not None:
-            engine.disable(
-                module, state, f"its first cache rebuild differs from the unpatched one: {problem}", mismatch=True
-            )
+            disable(module, state, f"its first cache rebuild differs from the unpatched one: {problem}", mismatch=True)
             return result
     form.verified = True
-    engine.mark_answered(module)
+    mark_answered(module)
     return result
