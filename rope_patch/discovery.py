@@ -17,6 +17,8 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from rope_patch.vision import VISION_REASON, is_vision
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
@@ -172,20 +174,6 @@ def rotary_classes(module: ModuleType) -> list[RotaryClass]:
         ):
             found.append(describe(obj))
     return found
-
-
-#: Why vision rotaries on per-patch coordinates are not answered from tables
-#: (measured by benchmarks/bench_vision.py).
-VISION_REASON = (
-    "vision rotary on per-patch coordinates, called once per image forward: a table would save "
-    "~0.001% of the vision forward (Qwen2.5-VL-shaped tower), nothing to gain"
-)
-_VISION_NAME = re.compile(r"vision(?!text)|vit(?=rotary)", re.IGNORECASE)
-
-
-def is_vision(cls: type) -> bool:
-    """The class name says it is a vision rotary (Vision, ViT; not VisionText)."""
-    return bool(_VISION_NAME.search(cls.__name__))
 
 
 def describe(cls: type[torch.nn.Module]) -> RotaryClass:

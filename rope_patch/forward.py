@@ -7,6 +7,10 @@ key argument) and asks :func:`rope_patch.cache.rule.answering_form` whether
 it may answer; everything else goes to :func:`rope_patch.cache.call`. One
 factory per calling convention (rope_patch.discovery): ``forward(x,
 position_ids[, layer_type | seq_len=None])`` and ``forward(x, seq_len)``.
+
+Public: :func:`make_forward`; and, from rope_patch.marks, :data:`MARKER`,
+:func:`original_of` and :func:`retire` (what patching and the tools read
+from an installed forward).
 """
 
 from __future__ import annotations
@@ -18,24 +22,23 @@ import torch
 from rope_patch import discovery
 from rope_patch.cache import call as slow_call
 from rope_patch.cache import hand_over, rule, states
-from rope_patch.cache.engine import SEQ_LEN_READ
 from rope_patch.cache.fast import answer_for
+from rope_patch.cache.state import SEQ_LEN_READ
+from rope_patch.marks import MARKER, mark, original_of, retire
+from rope_patch.marks import is_wrapper_of as _wraps
 
 _Tensor = torch.Tensor
 _steps_aside = rule.steps_aside
 _answering_form = rule.answering_form
 _states_get = states.get
 # rule.steps_aside, unrolled into the hot path (one frame less per call).
-_is_compiling = rule._is_compiling
+_is_compiling = rule.is_compiling
 _local = rule.local
 _disabling = rule.disabling
-_is_tracing = rule._is_tracing
-_functorch_level = rule._functorch_level
-_dispatch_modes = rule._dispatch_modes
+_is_tracing = rule.is_tracing
+_functorch_level = rule.functorch_level
+_dispatch_modes = rule.dispatch_modes
 _MISSING = object()
-
-#: Marks functions installed by rope_patch (and finds their original).
-MARKER = "__rope_patch_original__"
 
 
 def make_forward(original, rotary: discovery.RotaryClass):
@@ -135,7 +138,7 @@ def _positions_forward(original, extra_parameter, unread_seq_len=False):
                     return original(self, x, position_ids, *extra)
         return slow_call(self, original, x, position_ids, layer_type, extra)
 
-    return _mark(forward, original, retired)
+    return mark(forward, original, retired)
 
 
 def _remember(state, table, form, dtype, layer_type) -> None:
@@ -175,38 +178,7 @@ def _prefix_forward(original):
                     return form.lookup(self, x, seq_len)
         return slow_call(self, original, x, seq_len, None, ())
 
-    return _mark(forward, original, retired)
+    return mark(forward, original, retired)
 
 
-def _mark(forward, original, retired):
-    setattr(forward, MARKER, original)
-    forward.__rope_patch_retired__ = retired
-    return forward
-
-
-def retire(function) -> None:
-    """Make a rope_patch forward run its original from now on (unpatch()
-    could not remove it from beneath another wrapper)."""
-    function.__rope_patch_retired__.append(True)
-
-
-def _wraps(outer, target, depth: int = 8) -> bool:
-    """``outer`` is ``target`` behind other wrappers (its ``__wrapped__``
-    chain): a foreign decorator applied after rope_patch keeps the tables.
-
-    Checked only when ``type(self).forward`` is not this wrapper, which is
-    otherwise a super() call from a subclass's own wrapped forward: that one
-    must run the original, or two wrappers would share one table key.
-    """
-    for _ in range(depth):
-        outer = getattr(outer, "__wrapped__", None)
-        if outer is None:
-            return False
-        if outer is target:
-            return True
-    return False
-
-
-def original_of(function):
-    """The original forward behind a rope_patch forward, or None."""
-    return getattr(function, MARKER, None)
+__all__ = ["MARKER", "make_forward", "original_of", "retire"]

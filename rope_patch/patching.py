@@ -188,7 +188,7 @@ def unpatch() -> bool:
 def _uninstall(cls: type, previous, ours, name: str = "forward") -> None:
     """Put ``previous`` back as ``cls.<name>``; when another wrapper was
     applied on top of ``ours`` since, rewire it onto the original instead."""
-    from rope_patch import forward
+    from rope_patch import marks
 
     current = cls.__dict__.get(name, _MISSING)
     if current is ours or current is _MISSING:
@@ -205,14 +205,14 @@ def _uninstall(cls: type, previous, ours, name: str = "forward") -> None:
             break
         if inner is ours:
             try:
-                link.__wrapped__ = forward.original_of(ours)
+                link.__wrapped__ = marks.original_of(ours)
                 return
             except (AttributeError, TypeError):
                 break
         link = inner
     # A wrapper we cannot rewire (a plain decorator) keeps calling ours:
     # retired, ours now runs the original on every call.
-    forward.retire(ours)
+    marks.retire(ours)
     logger.info(
         "rope_patch: %s.%s was wrapped after rope_patch by something that cannot be rewired; "
         "it stays, and calls the original through rope_patch's retired replacement",
@@ -294,22 +294,23 @@ def _on_import(module) -> None:
 def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) -> None:
     """Make the forward that ``rotary.cls`` resolves to match its status."""
     from rope_patch import forward  # torch is imported by now: the class is a Module
+    from rope_patch.marks import original_of
 
     cls = rotary.cls
     if cls in _Registry.seen:
         return
     decision = classify(rotary, settings)
     resolved = getattr(cls, "forward", None)
-    original = forward.original_of(resolved) or resolved
+    original = original_of(resolved) or resolved
     if decision.status == Status.CACHED and rotary.rebuild is not None:
         # Its own cache rebuild is answered; its forward is left as it is
         # (rope_patch.cache.rebuild).
         _install_rebuild(cls, rotary.rebuild)
     if decision.status == Status.CACHED and rotary.rebuild is None:
-        if forward.original_of(resolved) is None:
+        if original_of(resolved) is None:
             # Own forward, or an inherited one nobody wrapped: wrap it here.
             _install(cls, forward.make_forward(original, rotary))
-    elif forward.original_of(resolved) is not None:
+    elif original_of(resolved) is not None:
         # A forward that must stay the original (excluded, unsupported, or a
         # rebuild class) but is inherited wrapped: pin the original.
         _install(cls, original)
@@ -319,14 +320,14 @@ def _apply(rotary: discovery.RotaryClass, settings: settings_module.Settings) ->
 
 
 def _install_rebuild(cls: type, name: str) -> None:
-    """Replace the cache rebuild ``cls.<name>`` (rope_patch.cache.rebuild),
+    """Replace the cache rebuild ``cls.<name>`` (rope_patch.rebuild_method),
     own or inherited from a class nobody patched, like a forward."""
-    from rope_patch import forward
-    from rope_patch.cache import rebuild
+    from rope_patch.marks import original_of
+    from rope_patch.rebuild_method import make_method
 
     resolved = getattr(cls, name)
-    if forward.original_of(resolved) is None:
-        _install(cls, rebuild.make_method(resolved), name)
+    if original_of(resolved) is None:
+        _install(cls, make_method(resolved), name)
 
 
 def _install(cls: type, function, name: str = "forward") -> None:

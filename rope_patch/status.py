@@ -102,7 +102,7 @@ class Outcome:
 
 def outcome(module) -> Outcome:
     """What the runtime did with ``module`` so far (patching active)."""
-    from rope_patch import cache_info  # imports torch: only when asked
+    from rope_patch.cache import cache_info  # imports torch: only when asked
 
     info = cache_info(module)
     if info.fallback is not None:

@@ -1,7 +1,7 @@
 """The contract for rope types that change the module's state between
 calls: every class computed through transformers' ``dynamic_rope_update``,
 built with a dynamic (NTK) and with a longrope config
-(rope_patch.diagnostics.instances.with_rope_type), is called past the
+(rope_patch.diagnostics.repairs.with_rope_type), is called past the
 original maximum and back against an unpatched twin
 (rope_patch.diagnostics.verify.verify_rope_type): identical outputs and
 module state after every call, and answered from tables. A file of its own

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import rope_patch
-from rope_patch.cache import engine
 from rope_patch.cache.rebuild import METHOD, OWN_CACHE
+from rope_patch.cache.state import state_of
 from rope_patch.identity import difference
 from tests.conftest import assert_identical, module_state
 
@@ -147,7 +147,7 @@ def test_rebuilds_are_replayed_from_tables_bit_identically(patched_classes, cls,
 def test_a_replay_writes_fresh_tensors_never_the_tables(patched_classes):
     module, twin = DeepseekRotaryEmbedding(16), DeepseekRotaryEmbedding(16)
     same_calls(module, twin, [5, 6, 7])  # the first rebuild is verified, then replayed
-    (table,) = engine.state_of(module).tables.values()
+    (table,) = state_of(module).tables.values()
     storages = {column.untyped_storage().data_ptr() for column in table.columns}
     assert module.cos_cached.untyped_storage().data_ptr() not in storages
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_a_replay_writes_fresh_tensors_never_the_tables(patched_classes):
 def test_rebuilds_outside_the_forward_run_the_original(patched_classes):
     module = DeepseekRotaryEmbedding(16)  # __init__'s rebuild
     module._set_cos_sin_cache(10, torch.device("cpu"), torch.float32)  # anyone's
-    assert engine.state_of(module) is None
+    assert state_of(module) is None
     assert module.max_seq_len_cached == 10 and module.cos_cached.shape == (10, 16)
 
     class Other(torch.nn.Module):  # another module's forward calling this one's rebuild
@@ -167,7 +167,7 @@ def test_rebuilds_outside_the_forward_run_the_original(patched_classes):
             rotary._set_cos_sin_cache(12, torch.device("cpu"), torch.float32)
 
     Other()(module)
-    assert engine.state_of(module) is None and module.max_seq_len_cached == 12
+    assert state_of(module) is None and module.max_seq_len_cached == 12
 
 
 def test_the_forward_stays_the_classs_own(patched_classes):
@@ -289,7 +289,7 @@ def test_per_layer_rotaries_of_equal_state_share_columns_and_keep_their_own_watc
     x, positions = torch.zeros(1, 10, 16), torch.arange(10)[None]
     for layer in layers:
         assert_identical(PerLayerRotaryEmbedding.forward.__wrapped__(layer, x, positions), layer(x, positions))
-    tables = [next(iter(engine.state_of(layer).tables.values())) for layer in layers]
+    tables = [next(iter(state_of(layer).tables.values())) for layer in layers]
     assert all(table.columns is tables[0].columns for table in tables[:4])
     assert tables[4].columns is not tables[0].columns  # another base: its own
     assert len({id(table.watch) for table in tables}) == 5 and len({id(table.forms[2]) for table in tables}) == 5
@@ -302,7 +302,7 @@ def test_per_layer_rotaries_of_equal_state_share_columns_and_keep_their_own_watc
     # One layer's frequencies change: it sees it (its own watch) and leaves the group.
     layers[1].inv_freq = layers[1].inv_freq * 3
     assert_identical(PerLayerRotaryEmbedding.forward.__wrapped__(layers[1], x, positions), layers[1](x, positions))
-    assert next(iter(engine.state_of(layers[1]).tables.values())).columns is not columns
+    assert next(iter(state_of(layers[1]).tables.values())).columns is not columns
     assert [rope_patch.cache_info(layer).tables[0].shared_by for layer in layers[:4]] == [3, 1, 3, 3]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rope_patch
-from rope_patch.cache import engine
+from rope_patch.cache.state import state_of
 from tests.conftest import assert_identical, module_state, unpatched_or_skip
 from tests.test_rebuild import DeepseekRotaryEmbedding, DeepseekYarnRotaryEmbedding, same_calls
 
@@ -86,7 +86,7 @@ def test_jit_trace_records_the_original_rebuild(unpatch_after):
     patch_rebuild_classes()
     module = DeepseekRotaryEmbedding(16)
     same(expected, run(traced, module))
-    assert engine.state_of(module) is None  # the tracer's calls never reached a table
+    assert state_of(module) is None  # the tracer's calls never reached a table
 
 
 def test_vmap_runs_the_original_rebuild(unpatch_after):
@@ -100,7 +100,7 @@ def test_vmap_runs_the_original_rebuild(unpatch_after):
     patch_rebuild_classes()
     module = DeepseekRotaryEmbedding(16)
     same(expected, run(mapped, module))
-    assert engine.state_of(module) is None
+    assert state_of(module) is None
 
 
 def learnable(module):

@@ -23,8 +23,8 @@ import textwrap
 import pytest
 
 from rope_patch.cache.build import OWN_BUFFER
-from rope_patch.cache.engine import SEQ_LEN_READ
 from rope_patch.cache.rebuild import METHOD, OWN_CACHE
+from rope_patch.cache.state import SEQ_LEN_READ
 from tests.conftest import subprocess_env
 from tests.remote_models import write_model_folder
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import rope_patch
-from rope_patch.cache.engine import SEQ_LEN_READ
+from rope_patch.cache.state import SEQ_LEN_READ
 from rope_patch.unread import never_read
 from tests.conftest import assert_identical
 

@@ -10,7 +10,13 @@ Layout:
 - :mod:`~rope_patch.cache.table` -- a table: columns, size, device, watch, forms
 - :mod:`~rope_patch.cache.forms` -- how a table answers each layout of positions
 - :mod:`~rope_patch.cache.build` -- building a table from the forward itself
-- :mod:`~rope_patch.cache.engine` -- the slow path and per-module state
+- :mod:`~rope_patch.cache.state` -- per-module state, outside the module
+- :mod:`~rope_patch.cache.engine` -- the slow path
+- :mod:`~rope_patch.cache.families` -- rope types that change state between calls
+- :mod:`~rope_patch.cache.fast` -- the rule compiled for one table (what a table hit runs)
+- :mod:`~rope_patch.cache.shared` -- per-layer rotaries sharing one table's columns
+- :mod:`~rope_patch.cache.private` -- private copies of a module to learn from
+- :mod:`~rope_patch.cache.rebuild` -- rotaries that rebuild their own cache: the rebuild replayed
 - :mod:`~rope_patch.cache.numerics` -- exact numerics for building and checking
 
 The public boundary is this module: :func:`call` (the slow path), the fast
@@ -23,9 +29,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rope_patch.cache import rule
-from rope_patch.cache.engine import (
+from rope_patch.cache.engine import call
+from rope_patch.cache.state import (
     answered_classes,
-    call,
     forget_all,
     hand_over,
     observed_fallbacks,

@@ -34,7 +34,7 @@ import torch
 
 from rope_patch.cache import bounds
 from rope_patch.cache.table import INDEX_DTYPES
-from rope_patch.cache.watch import _IMMUTABLE, _MISSING
+from rope_patch.cache.watch import IMMUTABLE, MISSING
 from rope_patch.identity import bits
 
 
@@ -141,12 +141,12 @@ def _watch_conditions(watch, constant) -> list[str]:
         ]
     for container, key, value, snapshot in watch.values:
         c, k = constant(container), _key(key, constant)
-        if value is _MISSING:
+        if value is MISSING:
             conditions.append(f"{k} in {c}")
             continue
         v = constant(value)
         conditions.append(f"{c}[{k}] is not {v}")
-        if snapshot is not _IMMUTABLE:
+        if snapshot is not IMMUTABLE:
             conditions.append(f"{v} != {constant(snapshot)}")
     for container, key, tensor, address, snapshot in watch.inference:
         c, k, t = constant(container), _key(key, constant), constant(tensor)

@@ -45,6 +45,11 @@ The replacement forward and the slow path also require ``x`` and
 position_ids to be plain tensors (subclasses, fake and functional tensors
 take the original) and the call's extra arguments to be the ones the class
 takes.
+
+Public besides those: the probes :func:`steps_aside` reads
+(``is_compiling``, ``is_tracing``, ``functorch_level``, ``dispatch_modes``,
+``local``, ``disabling``), which the replacement forward unrolls into its
+hot path, :func:`disabled`, :func:`answerable` and :func:`capturing`.
 """
 
 from __future__ import annotations
@@ -61,10 +66,10 @@ from rope_patch.cache.table import INDEX_DTYPES
 _C = torch._C
 # Dynamo replaces is_dynamo_compiling() by True while tracing; otherwise it is
 # a bare ``return False`` (is_compiling() also asks jit.is_scripting()).
-_is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
-_is_tracing = _C._is_tracing
-_functorch_level = _C._functorch.maybe_current_level
-_dispatch_modes = _C._len_torch_dispatch_stack
+is_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+is_tracing = _C._is_tracing
+functorch_level = _C._functorch.maybe_current_level
+dispatch_modes = _C._len_torch_dispatch_stack
 _extent = bounds.extent
 
 
@@ -109,11 +114,11 @@ def disabled():
 def steps_aside() -> bool:
     """The context requires the original forward (items 1-5 above)."""
     return bool(
-        _is_compiling()
+        is_compiling()
         or (disabling[0] and local.disabled)
-        or _is_tracing()
-        or _functorch_level() is not None
-        or _dispatch_modes()
+        or is_tracing()
+        or functorch_level() is not None
+        or dispatch_modes()
     )
 
 

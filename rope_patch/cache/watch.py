@@ -28,6 +28,12 @@ Not seen: in-place edits through ``.data`` (``t.data.mul_(2)`` bumps no
 version counter; only the values could tell, and comparing them on every
 call costs more than the table saves at decode; see BENCHMARKS.md).
 Assigning ``t.data = other`` is seen (the storage address changes).
+
+Public: :class:`Watch`, :class:`Recorder`, :class:`Unwatchable`,
+:func:`disguised_subclass`, and the two markers a watch's entries hold,
+:data:`MISSING` (an entry absent from its container) and :data:`IMMUTABLE`
+(a value whose identity is enough), which the compiled answers
+(rope_patch.cache.fast) test against.
 """
 
 from __future__ import annotations
@@ -53,9 +59,10 @@ if TYPE_CHECKING:
     #: Watch.inference entries: (container, key, tensor, address, snapshot).
     _InferenceRead = tuple[_Container, str, torch.Tensor, int, torch.Tensor]
 
-_MISSING = object()
+#: Stands for an entry absent from its container.
+MISSING = object()
 #: Marks a value whose identity is enough (immutable).
-_IMMUTABLE = object()
+IMMUTABLE = object()
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, staticmethod, classmethod)
 _CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -77,7 +84,7 @@ class Watch:
         inference: ``(container, key, tensor, address, snapshot)`` per
             inference tensor (no version counter: compared by bits).
         values: ``(container, key, value, snapshot)`` per other value read;
-            ``snapshot`` is a deep copy for containers, or ``_IMMUTABLE``.
+            ``snapshot`` is a deep copy for containers, or ``IMMUTABLE``.
     """
 
     __slots__ = ("holds", "inference", "snapshots", "tensors", "values")
@@ -102,9 +109,9 @@ class Watch:
             if grad and tensor.requires_grad and _grad_enabled():
                 return False
         for container, key, value, snapshot in self.values:
-            if container.get(key, _MISSING) is not value:
+            if container.get(key, MISSING) is not value:
                 return False
-            if snapshot is not _IMMUTABLE and value != snapshot:
+            if snapshot is not IMMUTABLE and value != snapshot:
                 return False
         for container, key, tensor, address, snapshot in self.inference:
             if container.get(key) is not tensor or tensor.data_ptr() != address:
@@ -136,11 +143,11 @@ class Watch:
             _arm_tensor(container, key, current, tensors, inference)
         values = []
         for container, key, value, snapshot in self.values:
-            current = container.get(key, _MISSING)
-            if snapshot is _IMMUTABLE:
+            current = container.get(key, MISSING)
+            if snapshot is IMMUTABLE:
                 if current is not value and not (type(current) is type(value) and current == value):
                     return None
-                values.append((container, key, current, _IMMUTABLE))
+                values.append((container, key, current, IMMUTABLE))
             else:
                 if type(current) is not type(snapshot) or current != snapshot:
                     return None
@@ -156,7 +163,7 @@ def _one_buffer_check(watch: Watch):
     """:meth:`Watch.check` for one versioned tensor and immutable values (a
     Llama-shaped rotary: inv_freq, attention_scaling, rope_type), without
     loops over tuples: the per-call cost is the fast path's largest part."""
-    if len(watch.tensors) != 1 or watch.inference or any(snap is not _IMMUTABLE for *_, snap in watch.values):
+    if len(watch.tensors) != 1 or watch.inference or any(snap is not IMMUTABLE for *_, snap in watch.values):
         return None
     ((container, key, tensor, version, address),) = watch.tensors
     values = tuple((c, k, v) for c, k, v, _ in watch.values)
@@ -166,7 +173,7 @@ def _one_buffer_check(watch: Watch):
             return False
         if grad and tensor.requires_grad and _grad_enabled():
             return False
-        return all(c.get(k, _MISSING) is v for c, k, v in values)
+        return all(c.get(k, MISSING) is v for c, k, v in values)
 
     return holds
 
@@ -239,15 +246,15 @@ class Recorder:
         snapshots: dict[int, torch.Tensor]
         tensors, inference, values, snapshots = [], [], [], {}
         for container, key, label in self.reads.values():
-            value = container.get(key, _MISSING)
+            value = container.get(key, MISSING)
             if isinstance(value, torch.Tensor):
                 snapshots[id(value)] = value.detach().clone()
                 _arm_tensor(container, key, value, tensors, inference)
-            elif value is _MISSING or _is_config(value) or isinstance(value, (*_LEAVES, *_CODE)):
-                values.append((container, key, value, _IMMUTABLE))
+            elif value is MISSING or _is_config(value) or isinstance(value, (*_LEAVES, *_CODE)):
+                values.append((container, key, value, IMMUTABLE))
             else:
                 snapshot = _snapshot(value)
-                if snapshot is _MISSING:
+                if snapshot is MISSING:
                     raise Unwatchable(
                         f"the forward reads {label}, a {type(value).__name__}, whose changes cannot be seen"
                     )
@@ -292,14 +299,14 @@ class Recorder:
 
 def _snapshot(value):
     """A deep copy of a container of plain values that compares equal to it,
-    or _MISSING when there is none (other objects, tensors inside)."""
+    or MISSING when there is none (other objects, tensors inside)."""
     if not isinstance(value, _CONTAINERS) or _holds_tensors(value):
-        return _MISSING
+        return MISSING
     try:
         snapshot = copy.deepcopy(value)
-        return snapshot if snapshot == value else _MISSING
+        return snapshot if snapshot == value else MISSING
     except Exception:  # noqa: BLE001 - not copyable or comparable: not watchable
-        return _MISSING
+        return MISSING
 
 
 def _holds_tensors(value) -> bool:

@@ -122,7 +122,7 @@ def _offline() -> bool:
 
 def model_modules(config, source: ModelSource, trust_remote_code: bool) -> list:
     """The modules that define the model of ``config`` and of its sub-configs."""
-    from rope_patch.diagnostics.instances import config_family
+    from rope_patch.diagnostics.configs import config_family
     from rope_patch.diagnostics.skeleton import base_model_class
 
     modules = []

@@ -23,21 +23,39 @@ For dimension-style constructors (``dim``, ``theta``) the instance gets the
 config's head size, not necessarily the slice the model itself passes (vision
 rotaries use half of it): the instance is for exercising the class, not for
 reproducing a model's numbers.
+
+Where each step lives: finding and ranking configs in
+rope_patch.diagnostics.configs, the repairs (and the rope-type variants the
+verifier builds) in rope_patch.diagnostics.repairs; this module fills the
+constructor, builds, and probes the forward.
+
+Public: :class:`Instance`, :class:`InstantiationError`,
+:func:`build_instance`, :func:`default_instance`,
+:func:`instance_from_config`, :func:`constructor_arguments`,
+:func:`layer_types_of`, :func:`unpatched_forward`, :func:`forward_raises`,
+and the probe's shapes.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
-import re
 import sys
-import typing
-from collections.abc import Iterator
 
 import torch
 
+from rope_patch.diagnostics.configs import (
+    candidate_configs,
+    config_family,
+    head_dim,
+    init_parameters,
+    is_config_parameter,
+    rank_family,
+    rope_theta,
+    wanted_config_classes,
+)
+from rope_patch.diagnostics.repairs import with_matching_mrope_section, with_standard_rope
 from rope_patch.discovery import PREFIX, RotaryClass, describe
 from rope_patch.forward import original_of
 
@@ -58,241 +76,6 @@ _DIM_NAMES = ("dim", "head_dim")
 class InstantiationError(Exception):
     """A rotary class could not be built from its default config; the message
     says why (every config tried, with the error each gave)."""
-
-
-def _config_base() -> type:
-    """transformers' config base class (``PreTrainedConfig`` in 5.x, which
-    keeps ``PretrainedConfig`` as an alias; 4.x has only the latter)."""
-    from transformers.configuration_utils import PretrainedConfig
-
-    return PretrainedConfig
-
-
-def _is_config_class(obj) -> typing.TypeGuard[type]:
-    """Whether ``obj`` is a concrete transformers config class."""
-    return isinstance(obj, type) and issubclass(obj, _config_base()) and obj is not _config_base()
-
-
-def _init_parameters(cls: type[torch.nn.Module]) -> list[inspect.Parameter]:
-    """The ``__init__`` parameters after ``self``, without ``*args``/``**kwargs``
-    (nothing generic can be passed there)."""
-    try:
-        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return []
-    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _annotation_config_classes(annotation, namespace: dict) -> list[type]:
-    """Config classes named by an annotation.
-
-    Handles classes, ``Optional``/``Union``/``X | None`` and string
-    annotations (``from __future__ import annotations``), whose names are
-    looked up in the defining module's ``namespace``.
-
-    Returns:
-        The config classes, in the order they appear.
-    """
-    if annotation is inspect.Parameter.empty or annotation is None:
-        return []
-    if isinstance(annotation, str):
-        found = (namespace.get(word) for word in re.findall(r"[A-Za-z_]\w*", annotation))
-        return [obj for obj in found if _is_config_class(obj)]
-    if _is_config_class(annotation):
-        return [annotation]
-    return [c for arg in typing.get_args(annotation) for c in _annotation_config_classes(arg, namespace)]
-
-
-def _is_config_parameter(param: inspect.Parameter, namespace: dict) -> bool:
-    """A parameter that takes a config: named ``config``/``*_config`` or
-    annotated with a config class."""
-    return (
-        param.name == "config"
-        or param.name.endswith("_config")
-        or bool(_annotation_config_classes(param.annotation, namespace))
-    )
-
-
-def wanted_config_classes(cls: type[torch.nn.Module]) -> list[type]:
-    """The config classes the rotary ``__init__`` is annotated with."""
-    namespace = vars(sys.modules[cls.__module__])
-    wanted: list[type] = []
-    for param in _init_parameters(cls):
-        for config_cls in _annotation_config_classes(param.annotation, namespace):
-            if config_cls not in wanted:
-                wanted.append(config_cls)
-    return wanted
-
-
-def _stem(name: str, suffix: str) -> str:
-    """``name`` lower-cased, without ``suffix``: the model part of a class name."""
-    return (name[: -len(suffix)] if name.endswith(suffix) else name).lower()
-
-
-def _name_closeness(rotary_name: str, config_cls: type) -> tuple[int, int]:
-    """How well a config class's name matches a rotary class's name, larger
-    is closer: ``Qwen3VLTextRotaryEmbedding`` is closest to ``Qwen3VLTextConfig``.
-
-    Args:
-        rotary_name: the rotary class's name.
-        config_cls: a config class.
-
-    Returns:
-        (length of the common prefix of the two stems, minus the difference
-        in stem lengths), for sorting.
-    """
-    a = _stem(rotary_name, "RotaryEmbedding")
-    b = _stem(config_cls.__name__, "Config")
-    common = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        common += 1
-    return common, -abs(len(a) - len(b))
-
-
-def _module_config_classes(rotary: RotaryClass) -> list[type]:
-    """Config classes defined under the rotary's model folder that its
-    modeling module imports (``from .configuration_qwen3 import Qwen3Config``)."""
-    package = rotary.module.rsplit(".", 1)[0] + "."
-    namespace = vars(sys.modules[rotary.module])
-    return [obj for _, obj in sorted(namespace.items()) if _is_config_class(obj) and obj.__module__.startswith(package)]
-
-
-def _mapped_config_class(model_type: str) -> type | None:
-    """``CONFIG_MAPPING``'s class for a model folder name (some keys use
-    dashes where folder names use underscores)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    for key in (model_type, model_type.replace("_", "-")):
-        try:
-            return CONFIG_MAPPING[key]
-        except (KeyError, ValueError, ImportError, AttributeError):
-            continue
-    return None
-
-
-def candidate_config_classes(rotary: RotaryClass) -> list[type]:
-    """The config classes to build, best first.
-
-    Args:
-        rotary: the rotary class.
-
-    Returns:
-        The ``__init__``'s annotated classes, then the module's config classes
-        by name closeness, then CONFIG_MAPPING's class for the model type;
-        without repeats.
-    """
-    ranked = sorted(_module_config_classes(rotary), key=lambda c: _name_closeness(rotary.name, c), reverse=True)
-    ordered: list[type] = []
-    for config_cls in [*wanted_config_classes(rotary.cls), *ranked, _mapped_config_class(rotary.model_type)]:
-        if config_cls is not None and config_cls not in ordered:
-            ordered.append(config_cls)
-    return ordered
-
-
-def config_family(config, depth: int = 3) -> tuple[list, set[int]]:
-    """``config`` and its sub-configs, breadth first, ``depth`` levels deep.
-
-    Args:
-        config: the root config.
-        depth: how many levels to walk.
-
-    Returns:
-        (the configs, each once; the ids of those that another member's
-        ``get_text_config()`` returned, i.e. the text sub-configs).
-    """
-    base = _config_base()
-    family, seen, text_ids, level = [], set(), set(), [config]
-    for _ in range(depth):
-        next_level = []
-        for item in level:
-            if id(item) in seen:
-                continue
-            seen.add(id(item))
-            family.append(item)
-            try:
-                text = item.get_text_config()
-            except Exception:  # noqa: BLE001 - not every config has a text part; some raise when asked
-                text = None
-            if isinstance(text, base) and text is not item:  # many configs answer themselves
-                text_ids.add(id(text))
-                next_level.append(text)  # first, so it is walked before the other sub-configs
-            children = [getattr(item, name, None) for name in sorted(getattr(item, "sub_configs", None) or {})]
-            next_level.extend(child for child in children if isinstance(child, base))
-        level = next_level
-    return family, text_ids
-
-
-def rank_family(rotary: RotaryClass, family: list, text_ids: set[int], wanted: list[type]) -> list:
-    """A config family ordered for ``rotary``.
-
-    The annotated class itself comes first, then its subclasses, then the
-    rest; within each group the closest name, then text configs (a text
-    rotary annotated with its multimodal parent, as Qwen2.5-Omni's is, is
-    built from the text sub-config), then the shortest name difference.
-    """
-
-    def key(config):
-        kind = type(config)
-        match = 0 if kind in wanted else 1 if isinstance(config, tuple(wanted)) else 2
-        common, length = _name_closeness(rotary.name, kind)
-        return match, -common, id(config) not in text_ids, -length
-
-    return sorted(family, key=key)  # stable: breadth-first order breaks ties
-
-
-def candidate_configs(rotary: RotaryClass, problems: list[str]) -> Iterator:
-    """Default config objects to build ``rotary`` from, best first, built lazily.
-
-    Args:
-        rotary: the rotary class.
-        problems: receives a line for each config class whose default
-            constructor failed.
-
-    Yields:
-        Config instances, each once.
-    """
-    wanted = wanted_config_classes(rotary.cls)
-    seen: set[int] = set()
-    for config_cls in candidate_config_classes(rotary):
-        try:
-            config = config_cls()
-        except Exception as exc:  # noqa: BLE001 - a config may require arguments; try the next one
-            problems.append(f"{config_cls.__name__}() failed: {type(exc).__name__}: {exc}")
-            continue
-        family, text_ids = config_family(config)
-        for member in rank_family(rotary, family, text_ids, wanted):
-            if id(member) not in seen:
-                seen.add(id(member))
-                yield member
-
-
-def _rope_theta(config):
-    """The RoPE base of a config: ``rope_theta`` (4.x) or
-    ``rope_parameters["rope_theta"]`` (5.x, possibly per layer type)."""
-    theta = getattr(config, "rope_theta", None)
-    if theta is not None:
-        return theta
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict):
-        if "rope_theta" in params:
-            return params["rope_theta"]
-        for value in params.values():  # per-layer-type parameters: take the first
-            if isinstance(value, dict) and "rope_theta" in value:
-                return value["rope_theta"]
-    return None
-
-
-def _head_dim(config):
-    """The attention head size of a config (``head_dim`` or hidden size over
-    heads), or None."""
-    head_dim = getattr(config, "head_dim", None)
-    if head_dim:
-        return head_dim
-    hidden = getattr(config, "hidden_size", None)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
-    return hidden // heads if hidden and heads else None
 
 
 class _NoValue(Exception):
@@ -316,15 +99,15 @@ def constructor_arguments(cls: type[torch.nn.Module], config, device) -> dict:
     """
     namespace = vars(sys.modules[cls.__module__])
     kwargs = {}
-    for param in _init_parameters(cls):
-        if _is_config_parameter(param, namespace):
+    for param in init_parameters(cls):
+        if is_config_parameter(param, namespace):
             value = config
         elif param.name == "device":
             value = device
         elif param.name in _DIM_NAMES:
-            value = _head_dim(config)
+            value = head_dim(config)
         elif param.name in _THETA_NAMES:
-            value = _rope_theta(config)
+            value = rope_theta(config)
         else:
             value = getattr(config, param.name, None)
         if value is not None:
@@ -332,47 +115,6 @@ def constructor_arguments(cls: type[torch.nn.Module], config, device) -> dict:
         elif param.default is inspect.Parameter.empty:
             raise _NoValue(f"no value for required parameter {param.name!r}")
     return kwargs
-
-
-#: Standard RoPE (``rope_type`` "default", base 10000: transformers' own
-#: defaults), used only to repair a default config that declares RoPE
-#: parameters but leaves them empty, which its own model cannot be built from
-#: either: CohereCompassTextConfig (5.x, ``rope_parameters == {}``),
-#: MllamaTextConfig and Qwen3VLTextConfig (4.57, ``rope_scaling is None``).
-STANDARD_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-
-
-def with_standard_rope(config, per_layer_type: bool):
-    """A copy of ``config`` with STANDARD_ROPE filled into its empty RoPE
-    parameters, or None when it has some already or declares none.
-
-    Args:
-        config: a config instance.
-        per_layer_type: the rotary reads ``rope_parameters[layer_type]`` (5.x),
-            so the parameters are filled per entry of ``config.layer_types``.
-
-    Returns:
-        The repaired copy, or None. In 5.x the parameters live in
-        ``rope_parameters`` (``rope_scaling`` is an alias of it); in 4.x the
-        type lives in ``rope_scaling`` and the base in ``rope_theta``.
-    """
-    if hasattr(config, "rope_parameters"):
-        if config.rope_parameters:
-            return None
-        repaired = copy.deepcopy(config)
-        layer_types = getattr(config, "layer_types", None)
-        if per_layer_type and layer_types:
-            repaired.rope_parameters = {layer: dict(STANDARD_ROPE) for layer in set(layer_types)}
-        else:
-            repaired.rope_parameters = dict(STANDARD_ROPE)
-        return repaired
-    if not hasattr(config, "rope_scaling") or config.rope_scaling is not None:
-        return None
-    repaired = copy.deepcopy(config)
-    repaired.rope_scaling = {"rope_type": STANDARD_ROPE["rope_type"]}
-    if getattr(config, "rope_theta", None) is None:
-        repaired.rope_theta = STANDARD_ROPE["rope_theta"]
-    return repaired
 
 
 def _build(rotary: RotaryClass, config, device, problems: list[str], label: str) -> torch.nn.Module | None:
@@ -384,80 +126,6 @@ def _build(rotary: RotaryClass, config, device, problems: list[str], label: str)
         problems.append(f"{label}: {type(exc).__name__}: {exc}")
         logger.debug("%s from %s failed: %s", rotary.name, label, exc)
         return None
-
-
-def with_matching_mrope_section(instance: torch.nn.Module):
-    """A copy of ``instance.config`` whose ``mrope_section`` sums to the
-    rotary's frequency count (``inv_freq.numel()``), rescaled
-    proportionally (equal thirds when missing); None when the config has no
-    ``rope_parameters`` with a rope type, the rotary no ``inv_freq``, or the
-    section already fits.
-
-    Repairs transformers 5.x default configs whose M-RoPE rotary cannot run
-    (GLM-4V text, GLM-4V-MoE text, GLM-Image text: a section that does not
-    sum to the rotary's frequency count; HunYuan-VL: no section at all).
-
-    Returns:
-        ``(config, section)`` or None.
-    """
-    config = getattr(instance, "config", None)
-    parameters = getattr(config, "rope_parameters", None)
-    inv_freq = getattr(instance, "inv_freq", None)
-    if not isinstance(parameters, dict) or "rope_type" not in parameters or not isinstance(inv_freq, torch.Tensor):
-        return None
-    count = inv_freq.numel()
-    section = parameters.get("mrope_section")
-    if section is not None and sum(section) == count:
-        return None
-    weights = list(section or [1, 1, 1])
-    parts = [count * weight // sum(weights) for weight in weights[:-1]]
-    section = [*parts, count - sum(parts)]
-    repaired = copy.deepcopy(typing.cast(typing.Any, config))  # not None: its rope_parameters is a dict
-    repaired.rope_parameters = dict(parameters, mrope_section=section)
-    return repaired, section
-
-
-#: The original maximum position of the rope types built by with_rope_type.
-ORIGINAL_MAX = 64
-
-
-def with_rope_type(config, rope_type: str, dim: int):
-    """A copy of ``config`` whose RoPE parameters are ``rope_type``
-    (``"dynamic"`` or ``"longrope"``), switching at ORIGINAL_MAX positions
-    (``max_position_embeddings`` 4x that), for every layer type; None when
-    the config has no RoPE parameters to set.
-
-    Args:
-        dim: the rotary's frequency count (``inv_freq.numel()``), for
-            longrope's factor lists.
-    """
-    theta = _rope_theta(config) or STANDARD_ROPE["rope_theta"]
-    if rope_type == "dynamic":
-        parameters = {"rope_type": "dynamic", "factor": 2.0}
-    else:
-        parameters = {
-            "rope_type": "longrope",
-            "short_factor": [1.0 + 0.01 * i for i in range(dim)],
-            "long_factor": [2.0 + 0.1 * i for i in range(dim)],
-            "original_max_position_embeddings": ORIGINAL_MAX,
-        }
-    repaired = copy.deepcopy(config)
-    repaired.max_position_embeddings = 4 * ORIGINAL_MAX
-    current = getattr(config, "rope_parameters", None)
-    if isinstance(current, dict) and current:  # 5.x, maybe per layer type; other keys (mrope_section) kept
-        if all(isinstance(value, dict) for value in current.values()):
-            repaired.rope_parameters = {
-                layer: {"rope_theta": theta, **value, **parameters} for layer, value in current.items()
-            }
-        else:
-            repaired.rope_parameters = {"rope_theta": theta, **current, **parameters}
-    elif hasattr(config, "rope_scaling") and not isinstance(current, dict):  # 4.57
-        repaired.rope_scaling = {k: v for k, v in parameters.items() if k != "original_max_position_embeddings"}
-        if rope_type == "longrope":
-            repaired.original_max_position_embeddings = ORIGINAL_MAX
-    else:
-        return None
-    return repaired
 
 
 @dataclasses.dataclass

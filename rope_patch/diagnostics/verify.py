@@ -201,7 +201,7 @@ def verify_instance(rotary: RotaryClass, built: Instance, device="cpu", dtypes=(
 
 
 def _max_position(module) -> int:
-    from rope_patch.cache.engine import max_position_embeddings
+    from rope_patch.cache.state import max_position_embeddings
 
     return max_position_embeddings(module) or 4096
 
@@ -293,7 +293,7 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
     """Prove ``rotary`` with a rope type that changes the module's state
     between calls (``"dynamic"`` or ``"longrope"``): a patched module and an
     unpatched twin, built from the class's default config with that rope
-    type (instances.with_rope_type), are called with the same positions
+    type (repairs.with_rope_type), are called with the same positions
     going past the original maximum and back; outputs and the modules'
     whole state (buffers, attributes) must be identical after every call.
 
@@ -303,7 +303,8 @@ def verify_rope_type(rotary: RotaryClass, rope_type: str, device="cpu") -> Class
         ``dynamic_rope_update`` or cannot be built with that rope type.
     """
     from rope_patch.cache.families import uses_dynamic_rope_update
-    from rope_patch.diagnostics.instances import ORIGINAL_MAX, constructor_arguments, with_rope_type
+    from rope_patch.diagnostics.instances import constructor_arguments
+    from rope_patch.diagnostics.repairs import ORIGINAL_MAX, with_rope_type
     from rope_patch.forward import original_of
 
     forward = original_of(rotary.cls.forward) or rotary.cls.forward
