@@ -69,8 +69,22 @@ MATRIX_TORCH = ("2.4.1", "2.5.1", "2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", 
 MATRIX_TORCH += ("2.14.1", "2.15.0")
 MATRIX_TRANSFORMERS4 = "4.57.6"
 MATRIX_TRANSFORMERS5 = "5.25.0"
-RELEASES_5X = tuple(f"5.{minor}.{patch}" for minor, patch in enumerate((0, 0, 0, 0, 0, 4, 2, 0, 1, 0, 4, 0, 1, 1)))
-RELEASES_5X += ("5.14.1", "5.15.1", "5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0")
+RELEASES_5X = ("5.0.0", "5.1.0", "5.2.0", "5.3.0", "5.4.0", "5.5.4", "5.6.2", "5.7.0", "5.8.1", "5.9.0", "5.10.4")
+RELEASES_5X += (
+    "5.11.0",
+    "5.12.1",
+    "5.13.1",
+    "5.14.1",
+    "5.15.1",
+    "5.16.1",
+    "5.17.0",
+    "5.18.0",
+    "5.19.0",
+    "5.20.2",
+    "5.21.1",
+    "5.22.2",
+    "5.23.0",
+)
 RELEASES_5X += ("5.24.0", "5.25.0")
 MATRIX_RESULTS = Path(
     os.environ.get("ROPE_PATCH_MATRIX_RESULTS", Path.home() / ".cache" / "rope-patch" / "release-matrix")
@@ -87,7 +101,9 @@ def torch_matrix() -> list[nox.param]:
         pairs.append((torch, MATRIX_TRANSFORMERS4))
         if release(torch) >= (2, 6):
             pairs.append((torch, MATRIX_TRANSFORMERS5))
-    return [nox.param(torch, transformers, id=f"torch{torch}-transformers{transformers}") for torch, transformers in pairs]
+    return [
+        nox.param(torch, transformers, id=f"torch{torch}-transformers{transformers}") for torch, transformers in pairs
+    ]
 
 
 def find_links() -> list[str]:
@@ -99,14 +115,9 @@ def install(session: nox.Session, *args: str) -> None:
     session.install(*find_links(), *args)
 
 
-def pip_python() -> str:
-    """An interpreter with pip, for registry queries (.ci/versions.py)."""
-    return sys.executable
-
-
 def versions_py(*args: str) -> str:
     out = subprocess.run(
-        [pip_python(), str(ROOT / ".ci" / "versions.py"), *args], check=True, stdout=subprocess.PIPE, text=True
+        [sys.executable, str(ROOT / ".ci" / "versions.py"), *args], check=True, stdout=subprocess.PIPE, text=True
     )
     return out.stdout.strip()
 
@@ -119,9 +130,26 @@ def summary(session: nox.Session, line: str) -> None:
             stream.write(line + "\n")
 
 
+def venv_python(session: nox.Session) -> str:
+    return str(Path(session.virtualenv.location) / "bin" / "python")
+
+
 def tested(session: nox.Session) -> str:
+    """ "torch X + transformers Y", as installed in the session's venv."""
     code = 'import torch, transformers; print(f"torch {torch.__version__} + transformers {transformers.__version__}")'
-    return str(session.run("python", "-c", code, silent=True)).strip()
+    return subprocess.run(
+        [venv_python(session), "-c", code], check=True, stdout=subprocess.PIPE, text=True
+    ).stdout.strip()
+
+
+def uv() -> str:
+    """The uv next to nox (the ``uv`` package), else the one on PATH."""
+    try:
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv") or "uv"
 
 
 def pytest(session: nox.Session, *args: str) -> str:
@@ -144,8 +172,10 @@ def test_line(session: nox.Session, name: str, torch_spec: str, transformers_spe
     install(session, torch_spec)
     # torch again: nothing the extras pull may move it off the line's torch.
     install(session, "-e", ".[test]", transformers_spec, torch_spec)
-    newer = str(session.run("python", ".ci/versions.py", "report", name, torch_spec, transformers_spec, silent=True))
-    newer = newer.strip()
+    # Its report (the versions tested, the newest on the registry) goes to
+    # stderr; on stdout, a newer release in the line that was not resolved.
+    report = [venv_python(session), ".ci/versions.py", "report", name, torch_spec, transformers_spec]
+    newer = subprocess.run(report, check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
     versions = tested(session)
     try:
         result = pytest(session)
@@ -170,7 +200,9 @@ def newest_contract(session: nox.Session, name: str, version: str) -> None:
     )
     install(session, "--no-deps", f"transformers=={version}")
     result = pytest(session, *CONTRACT_TESTS)
-    summary(session, f"{name}, newest {version} (--no-deps): contract: {result} ({round(time.monotonic() - started)} s)")
+    summary(
+        session, f"{name}, newest {version} (--no-deps): contract: {result} ({round(time.monotonic() - started)} s)"
+    )
 
 
 @nox.session(tags=["ci", "tests"], venv_params=["--seed"])
@@ -220,7 +252,7 @@ def wheel(session: nox.Session) -> None:
     shutil.rmtree(work / "run", ignore_errors=True)
     # uv build: the sdist, then the wheel built from that sdist (the wheel
     # only has what the sdist ships), each in an isolated build env.
-    session.run("uv", "build", "--quiet", "--out-dir", str(work / "dist"), str(ROOT), external=True)
+    session.run(uv(), "build", "--quiet", "--out-dir", str(work / "dist"), str(ROOT), external=True)
     session.run("python", ".ci/check_dist.py", str(work / "dist"))
     wheels = sorted((work / "dist").glob("rope_patch-*.whl"))
     install(session, f"torch=={TORCH}")
@@ -243,9 +275,9 @@ def matrix_run(session: nox.Session, torch: str, transformers: str) -> None:
     MATRIX_RESULTS.mkdir(parents=True, exist_ok=True)
     result_file = MATRIX_RESULTS / f"torch-{torch}_transformers-{transformers}.json"
     row: dict = {"torch_requested": torch, "version": transformers}
-    python = str(Path(session.virtualenv.location) / "bin" / "python")
-    uv = [shutil.which("uv") or "uv", "pip", "install", "--python", python, *find_links()]
-    base = [*uv, f"torch=={torch}", "-e", f"{ROOT}[test]"]
+    python = venv_python(session)
+    pip = [uv(), "pip", "install", "--python", python, *find_links()]
+    base = [*pip, f"torch=={torch}", "-e", f"{ROOT}[test]"]
     try:
         attempt = subprocess.run([*base, f"transformers=={transformers}"], capture_output=True, text=True, check=False)
         row["not_installable"] = ""
@@ -256,7 +288,7 @@ def matrix_run(session: nox.Session, torch: str, transformers: str) -> None:
             below = subprocess.run([*base, f"transformers>={major},<{transformers}"], check=False)
             if below.returncode != 0:
                 raise RuntimeError(f"no installable transformers {major}.x below {transformers}: {missing}")
-            subprocess.run([*uv, "--no-deps", f"transformers=={transformers}"], check=True)
+            subprocess.run([*pip, "--no-deps", f"transformers=={transformers}"], check=True)
             row["not_installable"] = f"{missing}; installed with --no-deps"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROPE_PATCH_")}
         env.update(PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error")
@@ -301,4 +333,6 @@ def release_matrix_session(session: nox.Session, transformers: str) -> None:
 @nox.session(name="matrix-table", python=False)
 def matrix_table(session: nox.Session) -> None:
     """The table of every matrix result in MATRIX_RESULTS (markdown with --md)."""
-    session.run(sys.executable, str(ROOT / "tools" / "release_matrix.py"), "table", str(MATRIX_RESULTS), *session.posargs)
+    session.run(
+        sys.executable, str(ROOT / "tools" / "release_matrix.py"), "table", str(MATRIX_RESULTS), *session.posargs
+    )
