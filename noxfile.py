@@ -152,18 +152,23 @@ def uv() -> str:
         return shutil.which("uv") or "uv"
 
 
-def pytest(session: nox.Session, *args: str) -> str:
-    """The README's test command, streamed and logged; returns its last line
-    ("N passed, M skipped ... in Ts"). A non-zero exit (5 included) fails."""
+def pytest(session: nox.Session, name: str, started: float, *args: str) -> None:
+    """The README's test command, streamed and logged, then the line's
+    summary with pytest's last line ("N passed, M skipped ... in Ts"). A
+    non-zero exit (5, nothing collected, included) fails the session."""
     log = Path(session.create_tmp()) / "pytest.log"
-    script = 'set -o pipefail; python -m pytest "$@" 2>&1 | tee "$0"'
+    script = 'python -m pytest "$@" 2>&1 | tee "$0"; exit "${PIPESTATUS[0]}"'
+    failed = None
     try:
         session.run("bash", "-c", script, str(log), *args, external=True)
-    finally:
-        lines = log.read_text().splitlines() if log.exists() else []
-        last = lines[-1].strip(" =") if lines else "no output"
-        session.log(f"pytest: {last}")
-    return last
+    except nox.command.CommandFailed as error:
+        failed = error
+    lines = log.read_text().splitlines() if log.exists() else []
+    last = lines[-1].strip(" =") if lines else "no output"
+    status = "" if failed is None else f"FAILED (pytest exit {failed.return_code}): "
+    summary(session, f"{name}: {status}{last} ({round(time.monotonic() - started)} s)")
+    if failed is not None:
+        session.error(f"pytest: {last}")
 
 
 def test_line(session: nox.Session, name: str, torch_spec: str, transformers_spec: str) -> None:
@@ -176,13 +181,8 @@ def test_line(session: nox.Session, name: str, torch_spec: str, transformers_spe
     # stderr; on stdout, a newer release in the line that was not resolved.
     report = [venv_python(session), ".ci/versions.py", "report", name, torch_spec, transformers_spec]
     newer = subprocess.run(report, check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
-    versions = tested(session)
-    try:
-        result = pytest(session)
-    except BaseException:
-        summary(session, f"{name}: {versions}: FAILED ({round(time.monotonic() - started)} s with the install)")
-        raise
-    summary(session, f"{name}: {versions}: {result} ({round(time.monotonic() - started)} s with the install)")
+    session.log(f"=== {name}: {tested(session)}")
+    pytest(session, f"{name}: {tested(session)}", started)
     if newer:
         newest_contract(session, name, newer)
 
@@ -199,10 +199,7 @@ def newest_contract(session: nox.Session, name: str, version: str) -> None:
         f"whole-catalogue contract on it: {' '.join(CONTRACT_TESTS)}"
     )
     install(session, "--no-deps", f"transformers=={version}")
-    result = pytest(session, *CONTRACT_TESTS)
-    summary(
-        session, f"{name}, newest {version} (--no-deps): contract: {result} ({round(time.monotonic() - started)} s)"
-    )
+    pytest(session, f"{name}, newest {version} (--no-deps): {tested(session)}: contract", started, *CONTRACT_TESTS)
 
 
 @nox.session(tags=["ci", "tests"], venv_params=["--seed"])
