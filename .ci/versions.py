@@ -17,6 +17,10 @@ own copy where it is not installed).
         newer than the installed one (pip could not resolve it), else
         nothing. A failed registry query is printed, not fatal.
 
+    python .ci/versions.py newest PACKAGE
+        The newest release of PACKAGE the registry lists (the torch-newest
+        line's torch). Exits 1 when the registry cannot be asked.
+
     python .ci/versions.py why NAME VERSION
         Why pip does not install transformers==VERSION here: the first
         error line of a dry run (on stderr).
@@ -131,6 +135,15 @@ def report(name: str, torch_spec: str, transformers_spec: str) -> int:
     return 0
 
 
+def newest_release(package: str) -> int:
+    try:
+        print(listed(package)[0])
+    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as error:
+        say(f"the newest {package} is unknown: {error}")
+        return 1
+    return 0
+
+
 def why(name: str, version: str) -> int:
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "-q", "--disable-pip-version-check"]
     out = subprocess.run(
@@ -151,6 +164,8 @@ def main(argv: list[str]) -> int:
         return floor()
     if argv[:1] == ["report"] and len(argv) == 4:
         return report(*argv[1:])
+    if argv[:1] == ["newest"] and len(argv) == 2:
+        return newest_release(argv[1])
     if argv[:1] == ["why"] and len(argv) == 3:
         return why(*argv[1:])
     say(__doc__)

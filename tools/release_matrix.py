@@ -1,28 +1,36 @@
-"""The contract over a list of transformers releases, one virtual environment
-each, as one table (not part of CI: it takes minutes per release).
+"""The contract over torch and transformers releases, one virtual environment
+each, as one table (not part of CI: minutes per pair, and a 2-3.5 GB torch
+download per torch minor the first time).
 
-    python tools/release_matrix.py [VERSION ...] [--cache DIR] [--torch SPEC] [--keep]
+The venvs are nox sessions (``noxfile.py``, uv makes them and its cache
+keeps the torch builds between runs; each venv is removed after its run):
 
-VERSIONs default to the newest patch of 4.57 and of every 5.x minor the
-registry lists (``pip index versions transformers``). For each release, one
-after another: a venv under the cache folder (printed; default
-``~/.cache/rope-patch/release-matrix``) with ``torch==2.13.0``, this checkout
-installed editable with its test extra (what CI installs) and
-``transformers==VERSION``. When pip cannot install that release with its
-requirements (5.25.0 requires ``kernels>=0.19.1,<0.20``, which the registry
-does not have), the rest is installed for the newest release below it and
-the release itself over it with ``--no-deps``; the NOT INSTALLABLE column
-says what was missing.
+    nox -t torch-matrix       every torch minor from the floor (2.4) to the
+                              newest, each with 4.57.6 and, from torch 2.6
+                              (what transformers 5 needs), the newest 5.x
+    nox -t release-matrix     4.57.6 and every 5.x minor's newest patch, torch 2.13.0
+    nox -s "torch-matrix(torch2.8.0-transformers5.25.0)"    one pair
+    nox -s matrix-table [-- --md]                           the table
 
-In that venv, the contract itself, from the test suite: every rotary class
-through ``tests/test_contract.py``'s ``contract_outcome`` (verify_class:
+Each session installs torch, this checkout with its test extra (what CI
+installs) and the transformers release. When that release cannot be
+installed with its requirements, the rest is installed for the newest
+release below it and the release itself over it with ``--no-deps``; the NOT
+INSTALLABLE column says what was missing. Then, inside the venv, this file
+with ``--inside``: the contract itself, from the test suite: every rotary
+class through ``tests/test_contract.py``'s ``contract_outcomes`` (verify_class:
 fp32, bf16, fp16, every position pattern, 2-D and 3-D, first use and from
 the table, against the unpatched forward), and every class computed through
 ``dynamic_rope_update`` with a dynamic and a longrope config
-(``tests/test_contract_rope_types.py``: verify_rope_type). One row per
-release:
+(``tests/test_contract_rope_types.py``: verify_rope_type). Its JSON lands in
+the results folder (``ROPE_PATCH_MATRIX_RESULTS``, default
+``~/.cache/rope-patch/release-matrix``) as ``torch-T_transformers-V.json``.
 
-    TRANSFORMERS  CLASSES  FROM TABLES  M-ROPE  ROPE-TYPE CHECKS  MISMATCHES  NOT BUILT  NOT INSTALLABLE
+    python tools/release_matrix.py table [DIR] [--md]
+
+prints one row per result file:
+
+    TORCH  TRANSFORMERS  CLASSES  FROM TABLES  M-ROPE  ROPE-TYPE CHECKS  MISMATCHES  NOT BUILT  NOT INSTALLABLE  DATE
 
 CLASSES: rotary classes found; FROM TABLES: classes answered from tables
 (M-RoPE ones included; M-ROPE counts those); ROPE-TYPE CHECKS: classes
@@ -30,86 +38,27 @@ checked with a dynamic config plus those checked with a longrope one;
 MISMATCHES: classes whose patched forward differed from the unpatched one
 (a plugin problem); NOT BUILT: classes whose default config that release
 cannot instantiate even unpatched (an upstream bug or a missing optional
-package: not proven there). Both are listed below the table, and each
-release's results are written to ``transformers-VERSION.json`` in the cache
-folder. Each venv is removed after its run unless ``--keep``. Exit status 1
-when a release has a mismatch or could not be run.
+package: not proven there). Both are listed below the table. Exit status 1
+when a result has a mismatch or could not be run.
 """
 
 from __future__ import annotations
 
-import argparse
+import glob
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
-import venv
 
+DEFAULT_RESULTS = os.environ.get(
+    "ROPE_PATCH_MATRIX_RESULTS", os.path.join(os.path.expanduser("~"), ".cache", "rope-patch", "release-matrix")
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "rope-patch", "release-matrix")
-PIP = ("-m", "pip", "install", "-q", "--disable-pip-version-check")
 
 
 def release(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
-
-
-def listed_versions(python=sys.executable) -> list[str]:
-    """Every transformers release the registry lists, newest first."""
-    out = subprocess.run(
-        [python, "-m", "pip", "index", "versions", "transformers", "--disable-pip-version-check"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    match = re.search(r"^Available versions: (.*)$", out, re.MULTILINE)
-    if not match:
-        raise RuntimeError(f"no versions in pip index's answer: {out!r}")
-    return [v.strip() for v in match.group(1).split(",") if re.fullmatch(r"\d+(\.\d+)*", v.strip())]
-
-
-def default_versions() -> list[str]:
-    """The newest patch of 4.57 and of every 5.x minor, oldest first."""
-    newest: dict[tuple[int, ...], str] = {}
-    for version in listed_versions():
-        minor = release(version)[:2]
-        if (minor == (4, 57) or minor[0] == 5) and release(version) > release(newest.get(minor, "0")):
-            newest[minor] = version
-    return [newest[minor] for minor in sorted(newest)]
-
-
-def missing_requirement(pip_output: str) -> str:
-    """What pip could not find, from its error (or its last line)."""
-    match = re.search(r"satisfies the requirement (\S+)", pip_output)
-    if match:
-        return f"{match.group(1)} not on the registry"
-    lines = [line for line in pip_output.splitlines() if line.startswith("ERROR")]
-    return (lines or pip_output.strip().splitlines() or ["pip failed"])[-1][:120]
-
-
-def install(folder: str, version: str, torch_spec: str, log) -> str:
-    """A venv in ``folder`` with torch, this checkout [test] and
-    transformers==version. Returns what was not installable ("" if nothing)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    venv.create(folder, with_pip=True)
-    python = os.path.join(folder, "bin", "python")
-    base = [python, *PIP, torch_spec, "-e", f"{ROOT}[test]"]
-    attempt = subprocess.run([*base, f"transformers=={version}"], capture_output=True, text=True, check=False)
-    log.write(attempt.stdout + attempt.stderr)
-    if attempt.returncode == 0:
-        return ""
-    missing = missing_requirement(attempt.stderr)
-    major = release(version)[0]
-    below = subprocess.run([*base, f"transformers>={major},<{version}"], capture_output=True, text=True, check=False)
-    log.write(below.stdout + below.stderr)
-    if below.returncode != 0:
-        why = missing_requirement(below.stderr)
-        raise RuntimeError(f"no installable transformers {major}.x below {version}: {why}")
-    subprocess.run([python, *PIP, "--no-deps", f"transformers=={version}"], check=True, stdout=log, stderr=log)
-    return f"{missing}; installed with --no-deps"
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def run_contract() -> dict:
@@ -156,83 +105,69 @@ def run_contract() -> dict:
     }
 
 
-def render(rows: list[dict]) -> list[str]:
-    header = ("TRANSFORMERS", "CLASSES", "FROM TABLES", "M-ROPE", "ROPE-TYPE CHECKS", "MISMATCHES", "NOT BUILT")
-    header += ("NOT INSTALLABLE",)
+def render(rows: list[dict], markdown: bool = False) -> list[str]:
+    header = ("TORCH", "TRANSFORMERS", "CLASSES", "FROM TABLES", "M-ROPE", "ROPE-TYPE CHECKS", "MISMATCHES")
+    header += ("NOT BUILT", "NOT INSTALLABLE", "DATE")
     table = [header]
     for row in rows:
+        torch = row.get("torch", row.get("torch_requested", "?"))
         if "error" in row:
-            table.append((row["version"], "-", "-", "-", "-", "not run", "-", row["error"][:100]))
+            table.append(
+                (torch, row["version"], "-", "-", "-", "-", "not run", "-", row["error"][:100], row.get("date", ""))
+            )
             continue
         counts = (row["classes"], row["cached"], row["mrope"], row["rope_type_checks"], len(row["mismatches"]))
         counts += (len(row["not_built"]),)
-        cells = (*counts, row["not_installable"] or "-")
-        table.append((row["version"], *map(str, cells)))
+        cells = (*map(str, counts), row.get("not_installable") or "-", row.get("date", ""))
+        table.append((torch, row["version"], *cells))
+    if markdown:
+        lines = ["| " + " | ".join(cell.lower() if line is header else cell for cell in line) + " |" for line in table]
+        lines.insert(1, "|" + "---|" * len(header))
+        return lines
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("versions", nargs="*", help="transformers releases (default: 4.57 and every 5.x minor)")
-    parser.add_argument("--cache", default=DEFAULT_CACHE, help="folder for the venvs (default %(default)s)")
-    parser.add_argument("--torch", default="torch==2.13.0", help="torch requirement (default %(default)s)")
-    parser.add_argument("--keep", action="store_true", help="keep each venv after its run")
-    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.inside:
-        print(json.dumps(run_contract()))
-        return 0
-
-    versions = args.versions or default_versions()
-    os.makedirs(args.cache, exist_ok=True)
-    print(f"transformers {', '.join(versions)}; {args.torch}; venvs under {args.cache}", flush=True)
+def load(folder: str) -> list[dict]:
     rows = []
-    for version in versions:
-        folder = os.path.join(args.cache, f"transformers-{version}")
-        row = {"version": version}
-        started = time.monotonic()
-        with open(folder + ".log", "w") as log:
-            try:
-                row["not_installable"] = install(folder, version, args.torch, log)
-                env = dict(os.environ, PYTHONPATH=ROOT, TRANSFORMERS_VERBOSITY="error")
-                env = {k: v for k, v in env.items() if not k.startswith("ROPE_PATCH_")}
-                python = os.path.join(folder, "bin", "python")
-                done = subprocess.run(
-                    [python, os.path.abspath(__file__), "--inside"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    text=True,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    raise RuntimeError(f"the contract run exited {done.returncode} (see {log.name})")
-                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
-            except (RuntimeError, subprocess.CalledProcessError, ValueError, IndexError) as error:
-                row["error"] = str(error)
-        if not args.keep:
-            shutil.rmtree(folder, ignore_errors=True)
-        with open(folder + ".json", "w") as stream:
-            json.dump(row, stream, indent=1)
-        rows.append(row)
-        took = round(time.monotonic() - started)
-        print(f"  {render([row])[1]}  ({took} s{', ' + row['torch'] if 'torch' in row else ''})", flush=True)
+    for path in glob.glob(os.path.join(folder, "torch-*_transformers-*.json")):
+        with open(path) as stream:
+            rows.append(json.load(stream))
+    return sorted(rows, key=lambda row: (release(row.get("torch_requested", "0")), release(row["version"])))
 
-    print()
-    for line in render(rows):
+
+def table(folder: str, markdown: bool) -> int:
+    rows = load(folder)
+    if not rows:
+        print(f"no results in {folder} (run: nox -t torch-matrix, nox -t release-matrix)")
+        return 1
+    for line in render(rows, markdown):
         print(line)
     failed = False
     for row in rows:
+        pair = f"torch {row.get('torch', row.get('torch_requested'))} + transformers {row['version']}"
         for name, problem in row.get("mismatches", {}).items():
-            print(f"  {row['version']}: MISMATCH {name}: {problem}")
+            print(f"  {pair}: MISMATCH {name}: {problem}")
             failed = True
         for name, reason in row.get("not_built", {}).items():
-            print(f"  {row['version']}: not built {name}: {reason[:200]}")
-        failed = failed or "error" in row
+            print(f"  {pair}: not built {name}: {reason[:200]}")
+        if "error" in row:
+            print(f"  {pair}: not run: {row['error']}")
+            failed = True
     return 1 if failed else 0
 
 
+def main(argv: list[str]) -> int:
+    if argv == ["--inside"]:
+        print(json.dumps(run_contract()))
+        return 0
+    if argv[:1] == ["table"]:
+        markdown = "--md" in argv
+        folders = [arg for arg in argv[1:] if arg != "--md"]
+        return table(folders[0] if folders else DEFAULT_RESULTS, markdown)
+    print(__doc__)
+    return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
