@@ -58,6 +58,4 @@ def part_identity(device, deadline: Deadline, outcome: Outcome, args) -> None:
         f"{counts['unsupported']} unsupported, {counts['excluded']} excluded, {counts['not built']} not built; "
         f"{mismatches} mismatches"
     )
-    outcome.summary.append(line)
-    outcome.row("checks", part="identity", result=line)
-    log(line)
+    outcome.check("identity", line)

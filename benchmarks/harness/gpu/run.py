@@ -103,6 +103,12 @@ class Outcome:
         if incomplete:
             self.incomplete.append(f"{part}: {reason}")
 
+    def check(self, part: str, line: str) -> None:
+        """A check's result: a summary line, a row of the "checks" table, and printed."""
+        self.summary.append(line)
+        self.row("checks", part=part, result=line)
+        log(line)
+
     def row(self, table: str, **cells) -> None:
         """A row of a summary table; appended to ``summary_json`` at once, so
         that a run killed at its time limit keeps what it measured."""

@@ -89,9 +89,7 @@ def part_compile(device, deadline: Deadline, outcome: Outcome, args) -> None:
             f"no cache): patched {results['patched'][2]:.1f} us vs unpatched {results['unpatched'][2]:.1f} us per step "
             f"({results['unpatched'][2] / results['patched'][2]:.3f}x); logits identical: {same}"
         )
-        outcome.summary.append(line)
-        outcome.row("checks", part="compile", result=line)
-        log(line)
+        outcome.check("compile", line)
         if not same:
             outcome.fail("compile: logits of the patched and unpatched compiled models differ")
 
@@ -162,6 +160,4 @@ def part_graph(device, deadline: Deadline, outcome: Outcome, args) -> None:
             outcome.skip("graph", f"{unit} does not capture even unpatched here")
     for unit in units:
         line = f"graph replay, {unit}: " + ", ".join(f"{m} {t:.1f} us" for (u, m), t in times.items() if u == unit)
-        outcome.summary.append(line)
-        outcome.row("checks", part="graph", result=line)
-        log(line)
+        outcome.check("graph", line)
