@@ -175,23 +175,22 @@ def unpatched_scope():
 
 
 @contextlib.contextmanager
+def _torch_setting(read, write, value):
+    """Set a global torch setting for the block, then put back what it was."""
+    before = read()
+    write(value)
+    try:
+        yield
+    finally:
+        write(before)
+
+
 def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
+    return _torch_setting(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, True)
 
 
-@contextlib.contextmanager
 def matmul_precision(value: str):
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+    return _torch_setting(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, value)
 
 
 def nan_count(out) -> int:
