@@ -87,3 +87,15 @@ def test_bench_no_grad_times_the_three_forwards_of_every_row(capsys):
     assert len(rows) == 2 * 2 * len(bench_no_grad.SHAPES)
     assert all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[3:6])
     assert not rope_patch.is_patched()  # it unpatched what it patched
+
+
+def test_bench_compile_times_both_modes_in_processes_of_their_own():
+    import bench_compile
+
+    from tests.conftest import unpatched_or_skip
+
+    unpatched_or_skip("bench_compile's fullgraph step", lambda: bench_compile.step("unpatched", blocks=1, calls=1))
+    results = bench_compile.measure(rounds=1, blocks=1, calls=1)
+    assert set(results) == {"unpatched", "patched"}
+    assert all(len(values) == 1 and values[0] > 0 for values in results.values())
+    assert not rope_patch.is_patched()  # the patching happened in a child process only
