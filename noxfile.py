@@ -116,9 +116,16 @@ def install(session: nox.Session, *args: str) -> None:
     session.install(*find_links(), *args)
 
 
-def versions_py(*args: str) -> str:
+def install_on(session: nox.Session, torch_spec: str, *args: str) -> None:
+    """``args`` with torch pinned to ``torch_spec`` in the same resolve, so
+    that nothing they pull may move torch off the line's release."""
+    install(session, *args, torch_spec)
+
+
+def versions_py(*args: str, python: str = sys.executable) -> str:
+    """``.ci/versions.py ARGS``'s standard output (its report goes to stderr)."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / ".ci" / "versions.py"), *args], check=True, stdout=subprocess.PIPE, text=True
+        [python, str(ROOT / ".ci" / "versions.py"), *args], check=True, stdout=subprocess.PIPE, text=True
     )
     return out.stdout.strip()
 
@@ -175,15 +182,13 @@ def pytest(session: nox.Session, name: str, started: float, *args: str) -> None:
 def test_line(session: nox.Session, name: str, torch_spec: str, transformers_spec: str) -> None:
     started = time.monotonic()
     session.log(f"=== {name}: {torch_spec} {transformers_spec}")
-    install(session, torch_spec)
-    # torch again: nothing the extras pull may move it off the line's torch.
-    install(session, "-e", ".[test]", transformers_spec, torch_spec)
-    # Its report (the versions tested, the newest on the registry) goes to
-    # stderr; on stdout, a newer release in the line that was not resolved.
-    report = [venv_python(session), ".ci/versions.py", "report", name, torch_spec, transformers_spec]
-    newer = subprocess.run(report, check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
-    session.log(f"=== {name}: {tested(session)}")
-    pytest(session, f"{name}: {tested(session)}", started)
+    install_on(session, torch_spec, "-e", ".[test]", transformers_spec)
+    # In the venv: the versions tested and the newest on the registry
+    # (stderr); a newer release in the line that was not resolved (stdout).
+    newer = versions_py("report", name, torch_spec, transformers_spec, python=venv_python(session))
+    versions = tested(session)
+    session.log(f"=== {name}: {versions}")
+    pytest(session, f"{name}: {versions}", started)
     if newer:
         newest_contract(session, name, newer)
 
@@ -232,8 +237,7 @@ def torch_newest(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check, mypy and lint-imports (LINT_COMMANDS), on torch 2.13.0 + the newest 5.x."""
     started = time.monotonic()
-    install(session, f"torch=={TORCH}")
-    install(session, "-e", ".[lint]", TRANSFORMERS5, f"torch=={TORCH}")
+    install_on(session, f"torch=={TORCH}", "-e", ".[lint]", TRANSFORMERS5)
     session.run("ruff", "--version")
     for command in LINT_COMMANDS:
         session.run(*command)
@@ -253,8 +257,7 @@ def wheel(session: nox.Session) -> None:
     session.run(uv(), "build", "--quiet", "--out-dir", str(work / "dist"), str(ROOT), external=True)
     session.run("python", ".ci/check_dist.py", str(work / "dist"))
     wheels = sorted((work / "dist").glob("rope_patch-*.whl"))
-    install(session, f"torch=={TORCH}")
-    install(session, *map(str, wheels), TRANSFORMERS5, f"torch=={TORCH}")
+    install_on(session, f"torch=={TORCH}", *map(str, wheels), TRANSFORMERS5)
     # From a folder outside the repository, isolated (-I: no script or current
     # folder, no PYTHONPATH on sys.path): rope_patch can only be the wheel's.
     (work / "run").mkdir()
