@@ -17,7 +17,7 @@ Checks, each failing with a message:
   one line, and ``rope-patch run`` activates the patch in a child program
   (its sitecustomize folder is in the wheel).
 
-    .ci-venv-wheel/bin/python -I .ci/smoke_wheel.py    (from a folder outside the repo)
+    nox -s wheel    (runs it with the wheel's venv, python -I, from a folder outside the repo)
 """
 
 from __future__ import annotations
