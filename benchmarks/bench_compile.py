@@ -33,7 +33,7 @@ for folder in (REPO, os.path.join(REPO, "benchmarks")):
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
-from harness.gpu.run import STEP_MODEL  # noqa: E402  (the gpu_check step model; float32 here)
+from harness.gpu.run import STEP_MODEL  # noqa: E402  (the gpu_check step model; float32 on CPU)
 
 MODES = ("unpatched", "patched")
 #: A traceback's closing line, ``package.module.SomeError: message``.
@@ -43,40 +43,29 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Unsupported)\b")
 def inside(mode: str, backend: str, blocks: int, calls: int, logits_path: str) -> dict:
     """Build, compile and time the step in this process (``mode`` decides
     whether rope_patch is installed first); the logits go to ``logits_path``."""
-    import time
-
     import torch
 
     import rope_patch
 
     if mode == "patched":
         import rope_patch.auto  # as a user does
-    from harness import generate as gen
+    from harness.gpu.steps import step_inputs, step_model, time_steps
 
     torch.set_num_threads(1)
-    model = gen.build_model(STEP_MODEL)
-    input_ids = torch.randint(1, gen.VOCAB, (1, 1), generator=torch.Generator().manual_seed(0))
-    positions = torch.tensor([[1000]])
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    samples = []
+    cpu = torch.device("cpu")
+    input_ids, positions = step_inputs(cpu)
+    compiled = torch.compile(step_model(cpu), fullgraph=True, backend=backend)
+
+    def one_step():
+        return compiled(input_ids, position_ids=positions, use_cache=False).logits
+
     with torch.no_grad():
-        start = time.perf_counter()
-        logits = compiled(input_ids, position_ids=positions, use_cache=False).logits
-        compile_s = time.perf_counter() - start
+        logits = one_step()  # compiles
         for _ in range(calls):  # warm-up
-            compiled(input_ids, position_ids=positions, use_cache=False)
-        for _ in range(blocks):
-            start = time.perf_counter()
-            for _ in range(calls):
-                compiled(input_ids, position_ids=positions, use_cache=False)
-            samples.append((time.perf_counter() - start) / calls * 1e6)
+            one_step()
+        step_us = time_steps(one_step, cpu, rounds=blocks, calls=calls)
     torch.save(logits, logits_path)
-    return {
-        "mode": mode,
-        "patched": rope_patch.is_patched(),
-        "step_us": statistics.median(samples),
-        "compile_s": compile_s,
-    }
+    return {"mode": mode, "patched": rope_patch.is_patched(), "step_us": step_us}
 
 
 def step(mode: str, backend: str = "eager", blocks: int = 30, calls: int = 20):

@@ -1,6 +1,7 @@
 """GPU check, parts ``compile`` and ``graph``: a small Qwen3 step under
 ``torch.compile(fullgraph=True)``, and captured in a CUDA graph, patched vs
-unpatched: time and outputs."""
+unpatched: time and outputs. :func:`step_model`, :func:`step_inputs` and
+:func:`time_steps` are the step benchmarks/bench_compile.py times too."""
 
 from __future__ import annotations
 
@@ -16,22 +17,23 @@ from harness.gpu.run import STEP_MODEL, Deadline, Outcome, log, repatched, sync,
 from rope_patch.identity import difference
 
 
-def _step_model(device):
+def step_model(device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return gen.build_model(STEP_MODEL, dtype=dtype, device=device)
 
 
-def _step_inputs(device, seq: int = 1):
+def step_inputs(device, seq: int = 1):
     input_ids = torch.randint(1, gen.VOCAB, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
     positions = (1000 + torch.arange(seq))[None].to(device)
     return input_ids, positions
 
 
-def _time_steps(function, device, deadline: Deadline, rounds: int = 30, calls: int = 20) -> float:
-    """Median microseconds per call over ``rounds`` blocks of ``calls``."""
+def time_steps(function, device, deadline: Deadline | None = None, rounds: int = 30, calls: int = 20) -> float:
+    """Median microseconds per call over ``rounds`` blocks of ``calls`` (fewer
+    once ``deadline`` has passed)."""
     samples = []
     for _ in range(rounds):
-        if deadline.passed() and samples:
+        if deadline is not None and deadline.passed() and samples:
             break
         sync(device)
         start = time.perf_counter()
@@ -46,8 +48,8 @@ def part_compile(device, deadline: Deadline, outcome: Outcome, args) -> None:
     import torch._dynamo
 
     backend = args.compile_backend or ("inductor" if device.type == "cuda" else "eager")
-    model = _step_model(device)
-    input_ids, positions = _step_inputs(device)
+    model = step_model(device)
+    input_ids, positions = step_inputs(device)
     results, errors = {}, {}
     rounds = 3 if args.cpu_smoke else 30
     with torch.no_grad():
@@ -72,7 +74,7 @@ def part_compile(device, deadline: Deadline, outcome: Outcome, args) -> None:
                     log(f"compile {mode} (fullgraph, {backend}) raised {errors[mode]}")
                     continue
                 compile_s = time.perf_counter() - start
-                step_us = _time_steps(step, device, deadline, rounds=rounds)
+                step_us = time_steps(step, device, deadline, rounds=rounds)
             results[mode] = (logits.float().cpu(), compile_s, step_us)
             log(f"compile {mode}: first call {compile_s:.1f} s (compile), step {step_us:.1f} us ({backend}, fullgraph)")
     torch._dynamo.reset()
@@ -101,9 +103,9 @@ def part_graph(device, deadline: Deadline, outcome: Outcome, args) -> None:
     if device.type != "cuda":
         outcome.skip("graph", "CUDA graphs need a CUDA device", incomplete=not args.allow_cpu_skips)
         return
-    model = _step_model(device)
+    model = step_model(device)
     rotary = model.model.rotary_emb
-    input_ids, positions = _step_inputs(device)
+    input_ids, positions = step_inputs(device)
     static_positions = positions.clone()
     x = torch.zeros(1, 1, 8, device=device, dtype=next(model.parameters()).dtype)
     units = {
@@ -150,7 +152,7 @@ def part_graph(device, deadline: Deadline, outcome: Outcome, args) -> None:
                     if problem:
                         outcome.fail(f"graph {unit} {mode}: replay at position {position}: {problem}")
                 held = sorted(table.positions for table in rope_patch.cache_info(rotary).tables)
-                times[unit, mode] = _time_steps(graph.replay, device, deadline, rounds=20, calls=50)
+                times[unit, mode] = time_steps(graph.replay, device, deadline, rounds=20, calls=50)
                 log(f"graph {unit} {mode}: replay {times[unit, mode]:.1f} us; rotary tables held (positions): {held}")
                 del graph, out
         unpatched_captures = (unit, "unpatched") in captured and captured[unit, "unpatched"] is None
