@@ -6,7 +6,8 @@ In one run, alternating blocks on the same module (one torch thread, thread
 CPU time, medians; decode positions as ``bench_fast_path.py``): the installed forward as transformers ships it, the same
 function decorated with ``torch.no_grad()`` (what 5.24 ran), and the patched
 forward. The speed-up against the decorated one is what the same engine
-would show on 5.24.
+would show on 5.24. Each row's patched call must be answered from tables and
+equal the unpatched one, or the script stops.
 
     python benchmarks/bench_no_grad.py [--rounds 15]
 
@@ -27,8 +28,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import rope_patch  # noqa: E402
 from benchmarks.harness.common import build_rotary, dtype_name  # noqa: E402
 from rope_patch.diagnostics import latency  # noqa: E402
+from rope_patch.identity import difference  # noqa: E402
 
 SHAPES = ((1, 1), (8, 1))
 
@@ -63,6 +66,12 @@ def main(argv=None) -> int:
                             "no_grad": lambda cls=decorated, module=rotary: latency.as_class(module, cls),
                         },
                     )
+                    problem = difference(plain.forward(rotary, x, positions), rotary(x, positions))
+                    if problem is not None or not rope_patch.cache_info(rotary).answered:
+                        raise RuntimeError(
+                            f"{model} {dtype_name(dtype)} {batch}x{seq}: patched call not "
+                            f"answered from tables identically: {problem or 'not answered'}"
+                        )
                     unpatched, no_grad, patched = (statistics.median(samples[k]) for k in samples)
                     print(
                         f"| {model} | {dtype_name(dtype)} | {batch}x{seq} | {unpatched:.2f} | {no_grad:.2f} | "
