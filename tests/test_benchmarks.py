@@ -99,3 +99,28 @@ def test_bench_compile_times_both_modes_in_processes_of_their_own():
     assert set(results) == {"unpatched", "patched"}
     assert all(len(values) == 1 and values[0] > 0 for values in results.values())
     assert not rope_patch.is_patched()  # the patching happened in a child process only
+
+
+def test_gpu_check_cpu_smoke_runs_every_part():
+    """benchmarks/gpu_check.py --cpu-smoke (its parts live in
+    benchmarks/harness/gpu/): no bit-identity failure, no part raised, and
+    every part complete but those the unpatched model itself cannot do on
+    this torch + transformers (the compile part on the floor)."""
+    import subprocess
+
+    from tests.conftest import subprocess_env
+
+    result = subprocess.run(  # the return code is checked below
+        [sys.executable, os.path.join(BENCHMARKS, "gpu_check.py"), "--cpu-smoke", "--budget", "60"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+    )
+    output = result.stdout + result.stderr
+    incomplete = [line.strip() for line in output.splitlines() if line.strip().startswith("INCOMPLETE ")]
+    assert "  bit-identity failures: 0" in output, output[-3000:]
+    assert all("the unpatched model itself does not" in line for line in incomplete), incomplete
+    assert result.returncode == (3 if incomplete else 0), output[-3000:]
+    assert f"== exit status {result.returncode}" in output
