@@ -61,9 +61,7 @@ def part_numerics(device, deadline: Deadline, outcome: Outcome, args) -> None:
                     f"numerics {model_type} {dtype_name(dtype)} {mode}, positions < {count}: "
                     f"patched {'from tables' if answered else 'computed unpatched'}; " + "; ".join(notes)
                 )
-    line = f"numerics: deterministic and TF32-'high' checks done for positions < {count}"
-    outcome.summary.append(line)
-    outcome.row("checks", part="numerics", result=line)
+    outcome.check("numerics", f"numerics: deterministic and TF32-'high' checks done for positions < {count}")
 
 
 def _formula(module, x, position_ids):
